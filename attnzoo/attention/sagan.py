@@ -1,0 +1,77 @@
+"""Self-attention of SAGAN (Zhang, Goodfellow, Metaxas, Odena; ICML 2019). https://arxiv.org/abs/1805.08318
+
+A gate: every position attends to every other one.
+
+    q = W_q x, k = W_k x (C/8 channels), v = W_v x (C channels), 1x1 convs
+    beta_{j,i} = softmax_i(q_j . k_i)      o_j = sum_i beta_{j,i} v_i      y = gamma * o + x
+
+gamma starts at 0, so the block starts as the identity and a pretrained backbone is undisturbed.
+
+The N x N matrix beta (N = h*w) is never built in one piece: the product runs through PyTorch's
+fused ``scaled_dot_product_attention`` kernels (flash / memory-efficient), whose memory grows with
+N, not N^2. Those kernels want q, k and v of one width, so v is split into heads as wide as q and k,
+and every head shares the same q and k: the result is the formula above, exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..maps import report_map
+from ..registry import register_attention
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """Mean over queries of softmax(q k^T): the attention each key position receives, [B, N].
+
+    q, k: [B, N, d]. Queries are processed in chunks so the full matrix is never held.
+    """
+    b, n, _ = q.shape
+    step = max(1, chunk_elems // max(1, b * n))
+    total = q.new_zeros(b, n, dtype=torch.float32)
+    for start in range(0, n, step):
+        total += torch.softmax(q[:, start : start + step].float() @ k.float().transpose(1, 2), -1).sum(1)
+    return total / n
+
+
+@register_attention(
+    "sagan", kind="gate",
+    paper="Zhang et al., Self-Attention Generative Adversarial Networks, ICML 2019 (arXiv:1805.08318)",
+    summary="SAGAN self-attention: every position attends to all others; gamma-gated residual, starts as identity",
+)
+class SelfAttention(nn.Module):
+    """Args:
+    channels: channels of the gated feature map.
+    reduction: q/k width is channels // reduction (at least 1); the paper uses 8.
+    """
+
+    def __init__(self, channels: int, reduction: int = 8):
+        super().__init__()
+        if reduction < 1:
+            raise ValueError(f"reduction must be >= 1, got {reduction}")
+        self.qk_channels = max(1, channels // reduction)
+        self.heads = -(-channels // self.qk_channels)  # v is split into heads of the q/k width
+        self.query = nn.Conv2d(channels, self.qk_channels, 1)
+        self.key = nn.Conv2d(channels, self.qk_channels, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        n, d = h * w, self.qk_channels
+        q = self.query(x).flatten(2).transpose(1, 2)  # [B, N, d]
+        k = self.key(x).flatten(2).transpose(1, 2)
+        v = self.value(x).flatten(2).transpose(1, 2)  # [B, N, C]
+        pad = self.heads * d - c
+        if pad:
+            v = F.pad(v, (0, pad))
+        v = v.view(b, n, self.heads, d).transpose(1, 2)  # [B, heads, N, d]
+        qh = q.unsqueeze(1).expand(b, self.heads, n, d)
+        kh = k.unsqueeze(1).expand(b, self.heads, n, d)
+        o = F.scaled_dot_product_attention(qh, kh, v, scale=1.0)  # the paper has no 1/sqrt(d)
+        o = o.transpose(1, 2).reshape(b, n, self.heads * d)[..., :c]
+        o = o.transpose(1, 2).reshape(b, c, h, w)
+        report_map(self, lambda: received_attention(q.detach(), k.detach()).view(b, h, w))
+        return self.gamma * o + x

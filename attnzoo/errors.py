@@ -1,0 +1,36 @@
+"""Errors a user can cause. The CLI turns these into one line and exit code 2."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class AttnzooError(ValueError):
+    """A mistake in what the user asked for (a name, a path, an option), not a bug."""
+
+
+class UnknownNameError(AttnzooError, KeyError):
+    """A name (backbone, attention module, site, option) that does not exist."""
+
+    def __init__(self, what: str, name: str, valid: Iterable[str], *, show_all: bool = False):
+        valid = sorted(set(valid))
+        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+        msg = f"unknown {what} '{name}'"
+        if close:
+            msg += f"; did you mean {', '.join(repr(c) for c in close)}?"
+        if show_all and valid:
+            msg += f" Valid: {', '.join(valid)}"
+        super().__init__(msg)
+        self.name, self.suggestions = name, close
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return self.args[0]
+
+
+class SiteError(AttnzooError):
+    """An attention module that cannot work at the site it was put at."""
+
+
+class PretrainedUnavailable(AttnzooError):
+    """Pretrained weights that cannot be fetched (offline, or none published)."""
