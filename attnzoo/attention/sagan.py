@@ -9,8 +9,9 @@ gamma starts at 0, so the block starts as the identity and a pretrained backbone
 
 The N x N matrix beta (N = h*w) is never built in one piece: the product runs through PyTorch's
 fused ``scaled_dot_product_attention`` kernels (flash / memory-efficient), whose memory grows with
-N, not N^2. Those kernels want q, k and v of one width, so v is split into heads as wide as q and k,
-and every head shares the same q and k: the result is the formula above, exactly.
+N, not N^2. Those kernels want q, k and v of one width: v is split into heads of ``HEAD_WIDTH``
+channels, q and k are zero-padded to that width (which leaves every q.k unchanged) and shared by all
+heads. The result is the formula above, exactly.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from torch import nn
 
 from ..maps import report_map
 from ..registry import register_attention
+
+#: width of the heads v is split into; the fused CPU and GPU kernels are efficient at 32..128
+HEAD_WIDTH = 64
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
@@ -52,7 +56,8 @@ class SelfAttention(nn.Module):
         if reduction < 1:
             raise ValueError(f"reduction must be >= 1, got {reduction}")
         self.qk_channels = max(1, channels // reduction)
-        self.heads = -(-channels // self.qk_channels)  # v is split into heads of the q/k width
+        self.head_width = max(self.qk_channels, min(channels, HEAD_WIDTH))
+        self.heads = -(-channels // self.head_width)
         self.query = nn.Conv2d(channels, self.qk_channels, 1)
         self.key = nn.Conv2d(channels, self.qk_channels, 1)
         self.value = nn.Conv2d(channels, channels, 1)
@@ -60,16 +65,17 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        n, d = h * w, self.qk_channels
-        q = self.query(x).flatten(2).transpose(1, 2)  # [B, N, d]
-        k = self.key(x).flatten(2).transpose(1, 2)
-        v = self.value(x).flatten(2).transpose(1, 2)  # [B, N, C]
+        n, d = h * w, self.head_width
+        # the fused kernels need unit stride along the feature dim, hence the copies (O(N*C), not O(N^2))
+        q = self.query(x).flatten(2).transpose(1, 2).contiguous()  # [B, N, d]
+        k = self.key(x).flatten(2).transpose(1, 2).contiguous()
+        v = self.value(x).flatten(2).transpose(1, 2).contiguous()  # [B, N, C]
         pad = self.heads * d - c
         if pad:
             v = F.pad(v, (0, pad))
         v = v.view(b, n, self.heads, d).transpose(1, 2)  # [B, heads, N, d]
-        qh = q.unsqueeze(1).expand(b, self.heads, n, d)
-        kh = k.unsqueeze(1).expand(b, self.heads, n, d)
+        qh = F.pad(q, (0, d - q.shape[-1])).unsqueeze(1).expand(b, self.heads, n, d)
+        kh = F.pad(k, (0, d - k.shape[-1])).unsqueeze(1).expand(b, self.heads, n, d)
         o = F.scaled_dot_product_attention(qh, kh, v, scale=1.0)  # the paper has no 1/sqrt(d)
         o = o.transpose(1, 2).reshape(b, n, self.heads * d)[..., :c]
         o = o.transpose(1, 2).reshape(b, c, h, w)
