@@ -26,6 +26,7 @@ _LAZY = {
     "AttentionModel": "model",
     "report_map": "maps",
     "attention_learner": "learner",
+    "fit": "learner",
     "load_run": "run",
     "Run": "run",
 }

@@ -61,6 +61,20 @@ _BOXES_HEADER = ("image", "x_min", "y_min", "x_max", "y_max")
 # not ours and is never deleted.
 _OWN_ENTRIES = frozenset({"train", "valid", "boxes.csv", "demo.json"})
 
+# Generation style (part of the demo-v1 definition: changing any value changes the images).
+_STYLE: dict[str, tuple[float, float]] = {
+    "radius": (0.13, 0.27),  # circumradius / side: objects span ~25%-55% of the image
+    "bg_sat": (0.0, 1.0),  # background gradient colour saturation (blend with grey)
+    "bg_val": (0.0, 1.0),  # background gradient brightness scale
+    "blot": (10.0, 28.0),  # std of the smooth blotch texture
+    "noise": (6.0, 16.0),  # std of per-pixel noise
+    "lines": (3, 8),  # counts of each clutter kind, [lo, hi)
+    "dots": (4, 12),
+    "rects": (1, 4),
+    "arcs": (0, 3),
+    "contrast": (110.0, 110.0),  # min RGB distance object colour <-> background under it
+}
+
 Box = tuple[int, int, int, int]
 Color = tuple[int, int, int]
 
@@ -125,7 +139,7 @@ def _shape_polygon(shape: str, radius: float, rng: np.random.Generator) -> np.nd
 def _draw_object(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
     """Binary ("L", 0/255) mask of one object of class ``shape`` at a random place."""
     # Radius of the circumscribed circle: the object spans roughly 25%-55% of the side.
-    radius = float(rng.uniform(0.13, 0.27)) * size
+    radius = float(rng.uniform(*_STYLE["radius"])) * size
     poly = _shape_polygon(shape, radius, rng)
     lo, hi = (np.array([-radius, -radius]), np.array([radius, radius])) if poly is None else (poly.min(0), poly.max(0))
     # Random centre such that the whole object lies inside the image (1 px margin).
@@ -147,8 +161,13 @@ def _draw_object(shape: str, size: int, rng: np.random.Generator) -> Image.Image
 
 def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     """Float (size, size, 3) textured background: colour gradient plus noise."""
-    c0 = rng.uniform(0, 255, size=3)
-    c1 = rng.uniform(0, 255, size=3)
+    def bg_color() -> np.ndarray:
+        c = rng.uniform(0, 255, size=3)
+        grey = c.mean()
+        c = grey + float(rng.uniform(*_STYLE["bg_sat"])) * (c - grey)
+        return c * float(rng.uniform(*_STYLE["bg_val"]))
+
+    c0, c1 = bg_color(), bg_color()
     angle = float(rng.uniform(0.0, 2 * math.pi))
     coords = (np.arange(size) + 0.5) / size - 0.5
     t = math.cos(angle) * coords[None, :] + math.sin(angle) * coords[:, None]
@@ -156,13 +175,13 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     img = c0 + (c1 - c0) * t[:, :, None]
     # Smooth coarse blotches (bilinearly upsampled low-res noise) plus fine pixel noise.
     cells = max(2, size // 16) + 1
-    blot = rng.normal(0.0, float(rng.uniform(10, 28)), size=(cells, cells, 3))
+    blot = rng.normal(0.0, float(rng.uniform(*_STYLE["blot"])), size=(cells, cells, 3))
     pos = np.linspace(0.0, cells - 1.0, size)
     i0 = np.minimum(pos.astype(int), cells - 2)
     f = (pos - i0)[:, None]
     blot = blot[i0] * (1 - f[:, :, None]) + blot[i0 + 1] * f[:, :, None]  # rows
     blot = blot[:, i0] * (1 - f[None, :, :]) + blot[:, i0 + 1] * f[None, :, :]  # columns
-    return img + blot + rng.normal(0.0, float(rng.uniform(6, 16)), size=(size, size, 3))
+    return img + blot + rng.normal(0.0, float(rng.uniform(*_STYLE["noise"])), size=(size, size, 3))
 
 
 def _draw_clutter(draw: ImageDraw.ImageDraw, size: int, rng: np.random.Generator) -> None:
@@ -175,25 +194,25 @@ def _draw_clutter(draw: ImageDraw.ImageDraw, size: int, rng: np.random.Generator
         return (float(rng.uniform(0, size)), float(rng.uniform(0, size)))
 
     # Thin lines and short two-segment polylines.
-    for _ in range(int(rng.integers(3, 8))):
+    for _ in range(int(rng.integers(*_STYLE["lines"]))):
         width = 1 if rng.uniform() < 0.75 else 2
         pts = [point(), point()]
         if rng.uniform() < 0.4:
             pts.append(point())
         draw.line(pts, fill=color(), width=width)
     # Small filled dots / blobs (at most ~8% of the side across).
-    for _ in range(int(rng.integers(4, 12))):
+    for _ in range(int(rng.integers(*_STYLE["dots"]))):
         x, y = point()
         r = float(rng.uniform(0.01, 0.04)) * size
         rx, ry = r * float(rng.uniform(0.6, 1.4)), r * float(rng.uniform(0.6, 1.4))
         draw.ellipse([x - rx, y - ry, x + rx, y + ry], fill=color())
     # Small rectangle outlines (at most ~15% of the side).
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(*_STYLE["rects"]))):
         x, y = point()
         w, h = (float(v) * size for v in rng.uniform(0.05, 0.15, size=2))
         draw.rectangle([x, y, x + w, y + h], outline=color(), width=1)
     # Small open arcs.
-    for _ in range(int(rng.integers(0, 3))):
+    for _ in range(int(rng.integers(*_STYLE["arcs"]))):
         x, y = point()
         r = float(rng.uniform(0.04, 0.09)) * size
         start = float(rng.uniform(0, 360))
@@ -225,7 +244,7 @@ def render_sample(
     under = bg[m].mean(axis=0)
     obj_color = _saturated_color(rng)
     for _ in range(20):
-        if float(np.linalg.norm(np.asarray(obj_color, dtype=float) - under)) > 110.0:
+        if float(np.linalg.norm(np.asarray(obj_color, dtype=float) - under)) > _STYLE["contrast"][0]:
             break
         obj_color = _saturated_color(rng)
     canvas = Image.fromarray(np.clip(bg, 0, 255).round().astype(np.uint8), "RGB")

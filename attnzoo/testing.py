@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -94,7 +93,8 @@ def _maps(spec: AttentionSpec, rec: MapRecorder, inputs: tuple[Any, ...], where:
     out = []
     for m, hw in zip(maps, expected):
         m = as_spatial(m)
-        assert m.shape == (inputs[-1].shape[0], *hw), f"{where}: map shape {tuple(m.shape)}, expected [B, {hw[0]}, {hw[1]}]"
+        want = (inputs[-1].shape[0], *hw)
+        assert m.shape == want, f"{where}: map shape {tuple(m.shape)}, expected [B, {hw[0]}, {hw[1]}]"
         assert torch.isfinite(m).all(), f"{where}: map has NaN or inf"
         out.append(m)
     return out
@@ -108,7 +108,8 @@ def _check_output(spec: AttentionSpec, y: Any, inputs: tuple[Any, ...], where: s
 
 
 def _check_gradients(module: nn.Module, spec: AttentionSpec, where: str) -> None:
-    """After a random perturbation (so zero-initialised gates such as SAGAN's gamma open), every parameter gets a gradient."""
+    """After a random perturbation (so zero-initialised gates such as SAGAN's gamma open), every parameter
+    gets a gradient."""
     m = copy.deepcopy(module).train()
     with torch.no_grad():
         for p in m.parameters():
@@ -129,7 +130,8 @@ def _check_round_trip(module: nn.Module, spec: AttentionSpec, options: dict[str,
     twin.eval()
     inputs = _inputs(spec, batch=2)
     with torch.no_grad():
-        assert torch.allclose(module(*inputs), twin(*inputs), atol=1e-5), f"{where}: state_dict round trip changes outputs"
+        same = torch.allclose(module(*inputs), twin(*inputs), atol=1e-5)
+    assert same, f"{where}: state_dict round trip changes outputs"
 
 
 def _check_channels_last(module: nn.Module, spec: AttentionSpec, where: str) -> None:
@@ -183,14 +185,10 @@ def check_attention(name_or_class: str | type, options: dict[str, Any] | None = 
                 _check_output(spec, y, inputs, f"{where} eval at {size}, batch {batch}")
         assert module is not None, f"{where}: refuses every test map size {sizes}"
         module = _build(spec, opts, GATE_SIZES[0])
-        checks: list[tuple[str, Callable[[], None]]] = [
-            ("gradients", lambda: _check_gradients(module, spec, where)),
-            ("state_dict", lambda: _check_round_trip(module, spec, opts, where)),
-            ("channels_last", lambda: _check_channels_last(module, spec, where)),
-            ("silent", lambda: _check_silent(spec, module, where)),
-        ]
-        for label, check in checks:
-            check()
-            passed.append(f"{where}: {label}")
+        _check_gradients(module, spec, where)
+        _check_round_trip(module, spec, opts, where)
+        _check_channels_last(module, spec, where)
+        _check_silent(spec, module, where)
+        passed += [f"{where}: {label}" for label in ("gradients", "state_dict", "channels_last", "silent")]
     assert inspect.getdoc(spec.cls), f"{spec.name}: the class needs a docstring (paper, options)"
     return passed

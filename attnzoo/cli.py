@@ -1,0 +1,282 @@
+"""The ``attnzoo`` command: a thin typer + rich layer over the Python API.
+
+Heavy imports (torch, timm, fastai) happen inside the commands that need them, so ``--help`` is instant.
+A mistake a user can make prints one red line and exits 2; ``--debug`` shows the traceback. A failure
+inside training exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import AttnzooError
+
+app = typer.Typer(
+    name="attnzoo",
+    help="Trainable attention for image classification: any attention module at any layer of any timm backbone.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_state = {"debug": False}
+
+
+class TrainingFailed(Exception):
+    """A failure inside training (exit code 1), as opposed to a user's mistake (exit code 2)."""
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+def _parse_attn_args(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise AttnzooError(f"--attn-arg takes KEY=VALUE, got '{item}'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for c in columns:
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        table.add_row(*[str(v) for v in r])
+    return table
+
+
+@app.command()
+def fit(
+    backbone: Annotated[str, typer.Option(help="Any timm model name, e.g. resnet18, vgg16_bn, convnext_tiny.")],
+    attn: Annotated[str, typer.Option(help="Attention module (`attnzoo list`), or 'none' for the baseline.")],
+    data: Annotated[str, typer.Option(help="Image folder (train/ + valid/, Intel seg_train/, or class folders), "
+                                           "or 'demo' for the built-in synthetic set.")],
+    at: Annotated[list[str] | None, typer.Option(help="Site(s) from `attnzoo layers BACKBONE`, or feature-level "
+                                                      "indices (-2 = the level before the last). Repeatable.")] = None,
+    attn_arg: Annotated[list[str] | None, typer.Option(help="Module option KEY=VALUE (see `attnzoo list`). "
+                                                            "Repeatable.")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs (after the frozen ones when pretrained).")] = 5,
+    lr: Annotated[str, typer.Option(help="Learning rate, or 'auto' for fastai's lr_find.")] = "1e-3",
+    bs: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    img_size: Annotated[int | None, typer.Option(help="Images are resized to this (default: the backbone's; "
+                                                      "64 for demo).")] = None,
+    pretrained: Annotated[bool, typer.Option(help="Start from timm's pretrained weights.")] = True,
+    weights: Annotated[Path | None, typer.Option(help="Local backbone weights (.safetensors or .pth state dict).")] = None,
+    valid_pct: Annotated[float, typer.Option(help="Validation share when the folder has no valid/ split.")] = 0.2,
+    freeze_epochs: Annotated[int, typer.Option(help="Epochs with the pretrained body frozen, before the rest.")] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed (data split, init, order).")] = 0,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: 0 on CPU, up to 8 on GPU).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<backbone>-<attn>-<time>).")] = None,
+) -> None:
+    """Train BACKBONE with attention ATTN on DATA and write a run folder."""
+    from .learner import fit as fit_run
+
+    console = _console()
+    err = _console(stderr=True)
+    try:
+        lr_value: float | str = "auto" if lr == "auto" else float(lr)
+    except ValueError:
+        raise AttnzooError(f"--lr takes a number or 'auto', got '{lr}'") from None
+
+    def on_data(info: Any) -> None:
+        counts = info.counts()
+        rows = [[c, counts["train"][c], counts["valid"][c]] for c in info.classes]
+        rows.append(["[bold]total", len(info.train), len(info.valid)])
+        console.print(_table(f"data: {info.root} ({info.layout})", ["class", "train", "valid"], rows))
+
+    def on_epoch_table(rows: list[dict[str, float]]) -> None:
+        if not rows:
+            return
+        keys = [k for k in rows[0] if k not in ("epoch", "time")]
+        table = [[r["epoch"], *(f"{r.get(k, float('nan')):.4f}" for k in keys), f"{r['time']:.1f}s"] for r in rows]
+        console.print(_table("training", ["epoch", *keys, "time"], table))
+
+    options = _parse_attn_args(attn_arg)
+    try:
+        run_dir = fit_run(backbone, attn, data, at=at or None, attn_options=options, epochs=epochs, lr=lr_value,
+                          bs=bs, img_size=img_size, pretrained=pretrained, weights=str(weights) if weights else None,
+                          valid_pct=valid_pct, seed=seed, freeze_epochs=freeze_epochs, out=str(out) if out else None,
+                          num_workers=workers, console=err, on_data=on_data, on_epoch_table=on_epoch_table)
+    except (AttnzooError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise TrainingFailed(f"training failed: {type(e).__name__}: {e}") from e
+    console.print(f"[green]run folder:[/] {run_dir}")
+    console.print(f"next: attnzoo show-attention IMAGE --run {run_dir}")
+
+
+def _load(run: Path | None) -> Any:
+    from .run import latest_run, load_run
+
+    return load_run(run if run is not None else latest_run())
+
+
+@app.command("show-attention")
+def show_attention(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    run: Annotated[Path | None, typer.Option(help="Run folder (default: the newest under ./runs).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output PNG (one image) or folder (default: next to the run, "
+                                                  "attention/<image>.png).")] = None,
+    top: Annotated[int, typer.Option(help="Predictions to show.")] = 3,
+) -> None:
+    """Predict IMAGES and write one PNG each: the image, top predictions and every site's attention map."""
+    from . import viz
+    from .interpret import display_image
+
+    for p in images:
+        if not p.is_file():
+            raise AttnzooError(f"image not found: {p}")
+    r = _load(run)
+    probs, maps = r.predict(images)
+    tops = r.top(probs, top)
+    console = _console()
+    if out is not None and out.suffix.lower() == ".png" and len(images) == 1:
+        targets = [out]
+    else:
+        folder = out if out is not None else r.path / "attention"
+        targets = [folder / f"{p.stem}.png" for p in images]
+    rows = []
+    for i, (p, target) in enumerate(zip(images, targets)):
+        fig = viz.attention_figure(display_image(r, p), {k: v[i].numpy() for k, v in maps.items()}, tops[i],
+                                   title=f"{p.name}: {r.config.get('backbone')} + {r.config.get('attn')}")
+        viz.save_figure(fig, target)
+        rows.append([p.name, *(f"{c} {pr:.1%}" for c, pr in tops[i]), str(target)])
+    cols = ["image", *(f"#{k + 1}" for k in range(len(tops[0]))), "written"]
+    console.print(_table(f"predictions ({r.path})", cols, rows))
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    run: Annotated[Path | None, typer.Option(help="Run folder (default: the newest under ./runs).")] = None,
+    top: Annotated[int, typer.Option(help="Predictions per image.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Predict the class of IMAGES with a trained run."""
+    for p in images:
+        if not p.is_file():
+            raise AttnzooError(f"image not found: {p}")
+    r = _load(run)
+    probs, _ = r.predict(images)
+    tops = r.top(probs, top)
+    if as_json:
+        print(json.dumps([{"image": str(p), "top": [{"class": c, "prob": round(v, 6)} for c, v in t]}
+                          for p, t in zip(images, tops)], indent=2))
+        return
+    cols = ["image", *(f"#{k + 1}" for k in range(len(tops[0])))]
+    _console().print(_table(f"predictions ({r.path})", cols,
+                            [[p.name, *(f"{c} {v:.1%}" for c, v in t)] for p, t in zip(images, tops)]))
+
+
+@app.command("list")
+def list_modules(
+    pattern: Annotated[str, typer.Argument(help="Wildcard on names.")] = "*",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Registered attention modules: kind, summary and options."""
+    from .plugins import plugin_status
+    from .registry import get_attention, list_attention
+
+    specs = [get_attention(n) for n in list_attention(pattern)]
+    if as_json:
+        print(json.dumps([s.to_dict() for s in specs], indent=2, default=str))
+        return
+    console = _console()
+    rows = [[s.name, s.kind, s.summary, "\n".join(o.describe() for o in s.options.values()) or "-", s.source]
+            for s in specs]
+    console.print(_table("attention modules", ["name", "kind", "summary", "options", "from"], rows))
+    for st in plugin_status():
+        if st.status != "ok":
+            console.print(f"[yellow]plugin {st.dist} {st.status}: {st.reason}[/]")
+
+
+@app.command()
+def layers(
+    backbone: Annotated[str, typer.Argument(help="A timm model name.")],
+    img_size: Annotated[int | None, typer.Option(help="Input size (default: the backbone's).")] = None,
+    all_sites: Annotated[bool, typer.Option("--all", help="Every site, not only blocks and feature levels.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Insertable sites of BACKBONE: channels, stride, map size; default taps and gate site marked."""
+    from .model import layers as get_layers
+
+    sites = get_layers(backbone, img_size, all=all_sites)
+    if as_json:
+        print(json.dumps([s.to_dict() for s in sites], indent=2))
+        return
+    rows = []
+    for s in sites:
+        marks = ", ".join(m for m, on in (("tap", s.default_tap), ("gate", s.default_gate)) if on)
+        level = "" if s.level is None else str(s.level)
+        rows.append([s.name, s.channels, s.stride, f"{s.size[0]}x{s.size[1]}", s.fmt, level, marks])
+    _console().print(_table(f"{backbone}: sites ({'all' if all_sites else 'blocks and feature levels'})",
+                            ["site", "channels", "stride", "map", "format", "level", "default"], rows))
+
+
+@app.command()
+def plugins() -> None:
+    """Plugin distributions found through entry points, with what they provide and their status."""
+    from .plugins import plugin_status
+
+    rows = []
+    for st in plugin_status():
+        color = {"ok": "green", "failed": "red", "conflicting": "yellow"}.get(st.status, "white")
+        status = f"[{color}]{st.status}[/]" + (f": {st.reason}" if st.reason else "")
+        rows.append([st.dist, st.version, ", ".join(st.names) or "-", status])
+    _console().print(_table("attention plugins (entry point group attnzoo.attention)",
+                            ["distribution", "version", "provides", "status"], rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning errors into one line and an exit code."""
+    import click
+
+    import warnings
+
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
+    err = None
+    try:
+        code = app(args=argv, standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        err, code = "aborted", 130
+    except KeyboardInterrupt:
+        err, code = "interrupted", 130
+    except AttnzooError as e:
+        err, code = str(e), 2
+    except TrainingFailed as e:
+        err, code = str(e), 1
+    if _state["debug"]:
+        import traceback
+
+        traceback.print_exc()
+    _console(stderr=True).print(f"[red]error:[/] {err}", soft_wrap=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The CLI end to end on a tiny generated folder: fit, show-attention, predict, list, layers, and the errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from attnzoo.cli import main
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+
+
+def make_folder(root: Path, n: int = 8, size: int = 32) -> Path:
+    """train/ + valid/ with three classes told apart by the colour of a square on noise."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("valid", n // 2)):
+        for name, colour in COLOURS.items():
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(count):
+                img = rng.integers(0, 90, (size, size, 3)).astype(np.uint8)
+                x, y = rng.integers(0, size // 2, 2)
+                img[y : y + size // 2, x : x + size // 2] = colour
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    root = make_folder(tmp_path_factory.mktemp("data"))
+    run_dir = tmp_path_factory.mktemp("runs") / "r"
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--backbone", "test_resnet", "--attn", "lpa-pc", "--data", str(root), "--no-pretrained",
+              "--epochs", "1", "--bs", "8", "--img-size", "32", "--out", str(run_dir)])
+    assert e.value.code == 0
+    return root, run_dir
+
+
+def test_fit_writes_a_complete_run_folder(trained):
+    root, run_dir = trained
+    for name in ("attnzoo.json", "model.safetensors", "history.csv", "history.png", "confusion_matrix.png",
+                 "top_losses.png", "attention.png"):
+        assert (run_dir / name).is_file(), name
+    config = json.loads((run_dir / "attnzoo.json").read_text())
+    assert config["classes"] == ["blue", "green", "red"]
+    assert config["backbone"] == "test_resnet" and config["attn"] == "lpa-pc"
+    assert config["sites"] == ["layer1", "layer2", "layer3"]
+    assert len(config["metrics"]["per_epoch"]) == 1 and "accuracy" in config["metrics"]["final"]
+    assert config["data"]["counts"]["train"] == {"blue": 8, "green": 8, "red": 8}
+    assert not list(run_dir.glob("*.pkl")) and not list(run_dir.glob("*.pth"))
+
+
+def test_show_attention_writes_one_png_per_image(trained, capsys, tmp_path):
+    root, run_dir = trained
+    images = sorted((root / "valid" / "red").glob("*.png"))[:2]
+    code, out, _ = run_cli(capsys, "show-attention", *map(str, images), "--run", str(run_dir), "--out", str(tmp_path))
+    assert code == 0
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert [p.stem for p in pngs] == [p.stem for p in images]
+    with Image.open(pngs[0]) as im:
+        assert im.width > im.height > 100  # image plus one panel per site
+    assert "predictions" in out
+
+
+def test_predict_json_gives_probabilities_over_the_folder_classes(trained, capsys):
+    root, run_dir = trained
+    image = next((root / "valid" / "blue").glob("*.png"))
+    code, out, _ = run_cli(capsys, "predict", str(image), "--run", str(run_dir), "--json", "--top", "3")
+    assert code == 0
+    result = json.loads(out)
+    assert {t["class"] for t in result[0]["top"]} == {"red", "green", "blue"}
+    assert sum(t["prob"] for t in result[0]["top"]) == pytest.approx(1, abs=1e-4)
+
+
+def test_list_and_layers_print_json(capsys):
+    code, out, _ = run_cli(capsys, "list", "--json")
+    assert code == 0 and {"lpa-pc", "sagan"} <= {m["name"] for m in json.loads(out)}
+    code, out, _ = run_cli(capsys, "layers", "test_resnet", "--img-size", "64", "--json")
+    sites = {s["name"]: s for s in json.loads(out)}
+    assert code == 0 and sites["layer3"]["size"] == [4, 4] and sites["layer3"]["default_gate"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["fit", "--backbone", "resnet181", "--attn", "sagan", "--data", "demo"], "did you mean 'resnet18'"),
+    (["fit", "--backbone", "test_resnet", "--attn", "sagn", "--data", "demo"], "did you mean 'sagan'"),
+    (["fit", "--backbone", "test_resnet", "--attn", "sagan", "--at", "layer9", "--data", "demo"], "layer9"),
+    (["fit", "--backbone", "test_resnet", "--attn", "sagan", "--attn-arg", "reduction=x", "--data", "demo"],
+     "needs a int"),
+    (["fit", "--backbone", "test_resnet", "--attn", "sagan", "--attn-arg", "redux=2", "--data", "demo"],
+     "did you mean 'reduction'"),
+    (["fit", "--backbone", "test_resnet", "--attn", "sagan", "--data", "/no/such/folder", "--no-pretrained"],
+     "data folder not found"),
+    (["fit", "--backbone", "test_resnet", "--attn", "sagan", "--data", "demo", "--epochs", "0"], "epochs"),
+    (["fit", "--backbone", "test_resnet", "--attn", "sagan", "--data", "demo", "--lr", "fast"], "--lr"),
+    (["show-attention", "/no/such.jpg", "--run", "."], "image not found"),
+    (["layers", "vgg16bn"], "did you mean 'vgg16_bn'"),
+])
+def test_user_errors_are_one_line_with_exit_code_2(capsys, args, message):
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err + out
+    assert len(err.strip().splitlines()) <= 2  # one line (rich may wrap a long one)
+
+
+def test_predict_on_a_folder_that_is_not_a_run(capsys, tmp_path):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    code, _, err = run_cli(capsys, "predict", str(image), "--run", str(tmp_path))
+    assert code == 2 and "not a run folder" in err
+
+
+def test_offline_pretrained_weights_give_a_way_forward(capsys, tmp_path):
+    root = make_folder(tmp_path / "d", n=2)
+    code, _, err = run_cli(capsys, "fit", "--backbone", "resnet18", "--attn", "sagan", "--data", str(root))
+    assert code == 2 and "--no-pretrained" in err and "--weights FILE" in err
+
+
+def test_help_and_list_do_not_import_fastai_or_torchvision():
+    script = (
+        "import sys\nfrom attnzoo.cli import main\n"
+        "for args in (['--help'], ['list']):\n"
+        "    try:\n        main(args)\n    except SystemExit as e:\n        assert e.code == 0, e.code\n"
+        "heavy = [m for m in ('fastai', 'torchvision') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in out.stdout, out.stdout[-500:] + out.stderr[-2000:]
