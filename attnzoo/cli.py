@@ -79,7 +79,7 @@ def fit(
     img_size: Annotated[int | None, typer.Option(help="Images are resized to this (default: the backbone's; "
                                                       "64 for demo).")] = None,
     pretrained: Annotated[bool, typer.Option(help="Start from timm's pretrained weights.")] = True,
-    weights: Annotated[Path | None, typer.Option(help="Local backbone weights (.safetensors or .pth state dict).")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local backbone weights (.safetensors/.pth state dict).")] = None,
     valid_pct: Annotated[float, typer.Option(help="Validation share when the folder has no valid/ split.")] = 0.2,
     freeze_epochs: Annotated[int, typer.Option(help="Epochs with the pretrained body frozen, before the rest.")] = 1,
     seed: Annotated[int, typer.Option(help="Random seed (data split, init, order).")] = 0,
@@ -247,9 +247,9 @@ def plugins() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning errors into one line and an exit code."""
-    import click
-
     import warnings
+
+    import click
 
     os.environ.setdefault("MPLBACKEND", "Agg")
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
