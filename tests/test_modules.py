@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo
-from attnzoo.attention.sagan import SelfAttention, received_attention
+from attnzoo.attention.sagan import SelfAttention, naive_self_attention, received_attention
 from attnzoo.maps import MapRecorder
 from attnzoo.testing import check_attention
 
@@ -15,17 +15,6 @@ from attnzoo.testing import check_attention
 @pytest.mark.parametrize("name", ["lpa-pc", "lpa-dp", "sagan", "softmask-sigmoid", "softmask-softmax"])
 def test_builtin_passes_the_conformance_kit(name):
     assert check_attention(name)
-
-
-def naive_sagan(m: SelfAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The seed code's formula: the full N x N matrix."""
-    b, c, h, w = x.shape
-    q = m.query(x).flatten(2)  # [B, d, N]
-    k = m.key(x).flatten(2)
-    v = m.value(x).flatten(2)  # [B, C, N]
-    beta = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # [B, N(query), N(key)]
-    o = (v @ beta.transpose(1, 2)).view(b, c, h, w)
-    return m.gamma * o + x, beta.mean(1).view(b, h, w)
 
 
 @pytest.mark.parametrize("channels,hw", [(64, (6, 5)), (24, (4, 4)), (10, (3, 7))])
@@ -38,7 +27,7 @@ def test_sagan_equals_the_naive_formula(channels, hw):
     rec = MapRecorder()
     rec.watch("s", m)
     y = m(x)
-    ref, ref_map = naive_sagan(m, x)
+    ref, ref_map = naive_self_attention(m, x)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(rec.evaluate()["s"], ref_map, atol=1e-6, rtol=1e-4)
     g1 = torch.autograd.grad(y.square().sum(), [x, m.query.weight, m.value.weight])
@@ -75,7 +64,7 @@ def test_sagan_never_builds_the_n_by_n_matrix():
         m(x).sum().backward()
     assert probe.largest < n * n // 8, f"a tensor of {probe.largest} elements (N^2 = {n * n})"
     with LargestTensor() as naive:
-        naive_sagan(m, x)[0].sum().backward()
+        naive_self_attention(m, x)[0].sum().backward()
     assert naive.largest >= n * n  # the probe does see an N x N matrix when one is built
 
 

@@ -81,3 +81,17 @@ class SelfAttention(nn.Module):
         o = o.transpose(1, 2).reshape(b, c, h, w)
         report_map(self, lambda: received_attention(q.detach(), k.detach()).view(b, h, w))
         return self.gamma * o + x
+
+
+def naive_self_attention(m: SelfAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference formula with the full N x N matrix (the seed code): (output, received attention).
+
+    For tests and benchmarks only: its memory grows with N^2.
+    """
+    b, c, h, w = x.shape
+    q = m.query(x).flatten(2)  # [B, d, N]
+    k = m.key(x).flatten(2)
+    v = m.value(x).flatten(2)  # [B, C, N]
+    beta = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # [B, N(query), N(key)]
+    o = (v @ beta.transpose(1, 2)).view(b, c, h, w)
+    return m.gamma * o + x, beta.mean(1).view(b, h, w)
