@@ -191,21 +191,28 @@ def list_modules(
     pattern: Annotated[str, typer.Argument(help="Wildcard on names.")] = "*",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Registered attention modules: kind, summary and options."""
-    from .plugins import plugin_status
+    """Registered attention modules: kind, summary and options. Plugin problems are listed below the table."""
+    import fnmatch
+
+    from rich.markup import escape
+
+    from .plugins import plugin_status, qualified_names
     from .registry import get_attention, list_attention
 
-    specs = [get_attention(n) for n in list_attention(pattern)]
+    # names a collision took away from the bare name are still usable as dist:name
+    qualified = [q for q in qualified_names() if fnmatch.fnmatchcase(q.partition(":")[2], pattern)]
+    specs = [get_attention(n) for n in list_attention(pattern) + qualified]
     if as_json:
         print(json.dumps([s.to_dict() for s in specs], indent=2, default=str))
         return
     console = _console()
-    rows = [[s.name, s.kind, s.summary, "\n".join(o.describe() for o in s.options.values()) or "-", s.source]
+    rows = [[escape(str(v)) for v in (s.name, s.kind, s.summary,
+                                      "\n".join(o.describe() for o in s.options.values()) or "-", s.source)]
             for s in specs]
     console.print(_table("attention modules", ["name", "kind", "summary", "options", "from"], rows))
     for st in plugin_status():
         if st.status != "ok":
-            console.print(f"[yellow]plugin {st.dist} {st.status}: {st.reason}[/]")
+            console.print(f"[yellow]plugin {escape(st.dist)} {st.status}:[/] {escape(st.reason)}", soft_wrap=True)
 
 
 @app.command()
@@ -232,15 +239,25 @@ def layers(
 
 
 @app.command()
-def plugins() -> None:
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
     """Plugin distributions found through entry points, with what they provide and their status."""
+    from dataclasses import asdict
+
+    from rich.markup import escape
+
     from .plugins import plugin_status
 
+    statuses = plugin_status()
+    if as_json:
+        print(json.dumps([asdict(st) for st in statuses], indent=2))
+        return
     rows = []
-    for st in plugin_status():
-        color = {"ok": "green", "failed": "red", "conflicting": "yellow"}.get(st.status, "white")
-        status = f"[{color}]{st.status}[/]" + (f": {st.reason}" if st.reason else "")
-        rows.append([st.dist, st.version, ", ".join(st.names) or "-", status])
+    for st in statuses:
+        color = {"ok": "green", "failed": "red", "conflicting": "yellow", "disabled": "dim"}.get(st.status, "white")
+        status = f"[{color}]{st.status}[/]" + (f": {escape(st.reason)}" if st.reason else "")
+        rows.append([escape(st.dist), escape(st.version), escape(", ".join(st.names)) or "-", status])
     _console().print(_table("attention plugins (entry point group attnzoo.attention)",
                             ["distribution", "version", "provides", "status"], rows))
 

@@ -397,6 +397,11 @@ def create_model(
 
 
 def _construct(spec: AttentionSpec, where: str, shape: Any, *args: Any, **options: Any) -> nn.Module:
+    """Build the module for its site(s); a gate that takes ``feat_size`` gets the site's map size ``(h, w)``."""
+    import inspect
+
+    if spec.kind == "gate" and "feat_size" in inspect.signature(spec.cls).parameters:
+        options = {**options, "feat_size": tuple(shape[-2:])}
     try:
         module = spec.cls(*args, **{**spec.defaults, **options})
         check = getattr(module, "check_site", None)

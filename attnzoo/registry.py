@@ -106,7 +106,10 @@ def _option_type(annotation: Any, default: Any) -> tuple[type, tuple[Any, ...] |
 
 
 def options_of(cls: Callable[..., Any], kind: Kind) -> dict[str, Option]:
-    """The options of a module class: its keyword arguments after the ones the host passes."""
+    """The options of a module class: its keyword arguments after the ones the host passes.
+
+    A gate's ``feat_size`` is not an option either: the host passes the site's ``(h, w)`` to gates that take it.
+    """
     try:
         hints = typing.get_type_hints(cls.__init__ if inspect.isclass(cls) else cls)
     except Exception:  # unresolvable annotations: fall back to the defaults' types
@@ -120,7 +123,7 @@ def options_of(cls: Callable[..., Any], kind: Kind) -> dict[str, Option]:
         )
     opts = {}
     for p in params[len(expected):]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or (kind == "gate" and p.name == "feat_size"):
             continue
         if p.default is inspect.Parameter.empty:
             raise TypeError(f"option '{p.name}' of {cls.__name__} needs a default")

@@ -69,6 +69,8 @@ def _inputs(spec: AttentionSpec, batch: int, size: tuple[int, int] | None = None
 
 def _build(spec: AttentionSpec, options: dict[str, Any], size: tuple[int, int]) -> nn.Module | None:
     args = (GATE_CHANNELS,) if spec.kind == "gate" else (list(LOCAL_CHANNELS), GLOBAL_CHANNELS, NUM_CLASSES)
+    if spec.kind == "gate" and "feat_size" in inspect.signature(spec.cls).parameters:
+        options = {**options, "feat_size": tuple(size)}  # as create_model passes the site's map size
     module = spec.cls(*args, **{**spec.defaults, **options})
     assert isinstance(module, nn.Module), f"{spec.name} built a {type(module).__name__}, not an nn.Module"
     check = getattr(module, "check_site", None)
@@ -109,14 +111,21 @@ def _check_output(spec: AttentionSpec, y: Any, inputs: tuple[Any, ...], where: s
 
 def _check_gradients(module: nn.Module, spec: AttentionSpec, where: str) -> None:
     """After a random perturbation (so zero-initialised gates such as SAGAN's gamma open), every parameter
-    gets a gradient."""
+    gets a gradient, and a gate passes one back to the features it gates. The inputs require gradients, so a
+    module without parameters (SimAM) is checked too."""
     m = copy.deepcopy(module).train()
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     inputs = _inputs(spec, batch=2)
+    for x in [*inputs[0], inputs[1]] if spec.kind == "readout" else inputs:
+        x.requires_grad_(True)
     y = m(*inputs)
     (y * torch.randn_like(y)).sum().backward()
+    if spec.kind == "gate":
+        g = inputs[0].grad
+        assert g is not None and g.abs().sum() > 0, f"{where}: no gradient reaches the gated features"
+        assert torch.isfinite(g).all(), f"{where}: gradient of the gated features has NaN or inf"
     for name, p in m.named_parameters():
         assert p.grad is not None, f"{where}: parameter '{name}' gets no gradient"
         assert torch.isfinite(p.grad).all(), f"{where}: gradient of '{name}' has NaN or inf"
