@@ -100,7 +100,7 @@ def train(learn: Learner, epochs: int, lr: float | None = None, freeze_epochs: i
 
 def suggest_lr(learn: Learner) -> float:
     """fastai's ``lr_find`` valley, without its plot."""
-    with learn.no_bar(), learn.removed_cbs([c for c in learn.cbs if isinstance(c, RichProgress)]):
+    with learn.no_bar(), learn.removed_cbs([c for c in learn.cbs if isinstance(c, (RichProgress, History))]):
         return float(learn.lr_find(show_plot=False).valley)
 
 

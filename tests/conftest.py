@@ -3,8 +3,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 # Tests never touch the network: hub lookups fail at once instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,3 +34,26 @@ def photo() -> Path:
     import matplotlib
 
     return Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+
+
+def make_folder(root: Path, n: int = 8, size: int = 32) -> Path:
+    """train/ + valid/ with three classes told apart by the colour of a square on noise."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("valid", n // 2)):
+        for name, colour in COLOURS.items():
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(count):
+                img = rng.integers(0, 90, (size, size, 3)).astype(np.uint8)
+                x, y = rng.integers(0, size // 2, 2)
+                img[y : y + size // 2, x : x + size // 2] = colour
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("tiny"))

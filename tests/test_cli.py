@@ -7,28 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import make_folder
 from PIL import Image
 
 from attnzoo.cli import main
-
-COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
-
-
-def make_folder(root: Path, n: int = 8, size: int = 32) -> Path:
-    """train/ + valid/ with three classes told apart by the colour of a square on noise."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", n), ("valid", n // 2)):
-        for name, colour in COLOURS.items():
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(count):
-                img = rng.integers(0, 90, (size, size, 3)).astype(np.uint8)
-                x, y = rng.integers(0, size // 2, 2)
-                img[y : y + size // 2, x : x + size // 2] = colour
-                Image.fromarray(img).save(d / f"{i}.png")
-    return root
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
