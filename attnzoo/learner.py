@@ -250,7 +250,8 @@ def fit(
     if on_epoch_table is not None:
         on_epoch_table(history.rows)
 
-    name = out or str(Path(runs_dir) / f"{backbone}-{attn or 'none'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    label = (attn or "none").replace(":", "_")  # a qualified plugin name (dist:name) must not put ':' in a path
+    name = out or str(Path(runs_dir) / f"{backbone}-{label}-{time.strftime('%Y%m%d-%H%M%S')}")
     config = dict(
         backbone=backbone, attn=attn or "none", attn_options=options, sites=learn.model.sites,
         classes=list(info.classes), img_size=img_size, mean=list(mean), std=list(std), seed=seed,
