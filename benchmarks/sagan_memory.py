@@ -1,4 +1,4 @@
-"""SAGAN self-attention: attnzoo's fused-kernel layer vs the naive N x N layer, memory and time.
+"""SAGAN self-attention: attnzoo's two backends vs the naive N x N layer, memory and time.
 
 Each (implementation, map size) runs in a fresh subprocess; peak memory is the growth of the process's
 peak resident set (CPU) or torch.cuda.max_memory_allocated (GPU) over one forward + backward.
@@ -22,11 +22,11 @@ from attnzoo.attention.sagan import SelfAttention, naive_self_attention
 impl, device = sys.argv[1], sys.argv[5]
 b, c, s, steps = (int(v) for v in (sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[6]))
 torch.manual_seed(0)
-m = SelfAttention(c).to(device)
+m = SelfAttention(c, backend=impl if impl in ("sdpa", "chunked") else "auto").to(device)
 with torch.no_grad():
     m.gamma.fill_(0.5)
 x = torch.randn(b, c, s, s, device=device, requires_grad=True)
-fwd = (lambda: m(x)) if impl == "attnzoo" else (lambda: naive_self_attention(m, x)[0])
+fwd = (lambda: naive_self_attention(m, x)[0]) if impl == "naive" else (lambda: m(x))
 def step():
     fwd().square().mean().backward()
     if device == "cuda":
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--naive-limit-gb", type=float, default=12.0,
                     help="skip the naive layer where its N x N matrices alone would pass this")
     ap.add_argument("--quick", action="store_true", help="sizes 32 and 64 only")
+    ap.add_argument("--impls", nargs="+", default=["chunked", "sdpa", "naive"],
+                    help="attnzoo's backends (chunked: the CPU default, sdpa: the GPU default) and the naive layer")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
     sizes = [32, 64] if args.quick else args.sizes
@@ -80,25 +82,22 @@ def main() -> None:
     for s in sizes:
         n = s * s
         nn_gb = 3 * args.batch * n * n * 4 / 2**30  # energy, softmax, and its gradient, fp32
-        for impl in ("attnzoo", "naive"):
+        for impl in args.impls:
             if impl == "naive" and nn_gb > args.naive_limit_gb:
                 res = {"error": f"skipped: needs ~{nn_gb:.0f} GB for N x N"}
             else:
                 res = measure(impl, args.batch, args.channels, s, args.device, args.steps)
             rows.append({"impl": impl, "size": s, "N": n, **res})
             print(json.dumps(rows[-1]), file=sys.stderr)
-    shape = f"({args.batch}, {args.channels}, S, S)"
-    print(f"\nSAGAN forward+backward, {shape}, device {args.device}\n")
-    print("| S | N | attnzoo peak MB | attnzoo s/step | naive peak MB | naive s/step |")
-    print("|---|---|---|---|---|---|")
+    print(f"\nSAGAN forward+backward, ({args.batch}, {args.channels}, S, S), device {args.device}\n")
+    print("| S | N | " + " | ".join(f"{i} peak MB | {i} s/step" for i in args.impls) + " |")
+    print("|---|---|" + "---|---|" * len(args.impls))
     for s in sizes:
-        a = next(r for r in rows if r["size"] == s and r["impl"] == "attnzoo")
-        b = next(r for r in rows if r["size"] == s and r["impl"] == "naive")
-
-        def cells(r: dict) -> str:
-            return r["error"] + " | -" if "error" in r else f"{r['peak_mb']:.0f} | {r['step_s']:.3f}"
-
-        print(f"| {s} | {s * s} | {cells(a)} | {cells(b)} |")
+        cells = []
+        for impl in args.impls:
+            r = next(r for r in rows if r["size"] == s and r["impl"] == impl)
+            cells.append(f"{r['error']} | -" if "error" in r else f"{r['peak_mb']:.0f} | {r['step_s']:.3f}")
+        print(f"| {s} | {s * s} | " + " | ".join(cells) + " |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo
+from attnzoo.attention import sagan
 from attnzoo.attention.sagan import SelfAttention, naive_self_attention, received_attention
 from attnzoo.maps import MapRecorder
 from attnzoo.testing import check_attention
@@ -17,10 +18,12 @@ def test_builtin_passes_the_conformance_kit(name):
     assert check_attention(name)
 
 
+@pytest.mark.parametrize("backend", ["chunked", "sdpa"])
 @pytest.mark.parametrize("channels,hw", [(64, (6, 5)), (24, (4, 4)), (10, (3, 7))])
-def test_sagan_equals_the_naive_formula(channels, hw):
+def test_sagan_equals_the_naive_formula(channels, hw, backend, monkeypatch):
+    monkeypatch.setattr(sagan, "CHUNK_ELEMS", 2 * 7)  # several chunks, a ragged last one
     torch.manual_seed(0)
-    m = SelfAttention(channels)
+    m = SelfAttention(channels, backend=backend)
     with torch.no_grad():
         m.gamma.fill_(0.7)
     x = torch.randn(2, channels, *hw, requires_grad=True)
@@ -54,9 +57,11 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_sagan_never_builds_the_n_by_n_matrix():
+@pytest.mark.parametrize("backend", ["chunked", "sdpa"])
+def test_sagan_never_builds_the_n_by_n_matrix(backend, monkeypatch):
+    monkeypatch.setattr(sagan, "CHUNK_ELEMS", 1 << 16)
     n = 48 * 48
-    m = SelfAttention(32)
+    m = SelfAttention(32, backend=backend)
     with torch.no_grad():
         m.gamma.fill_(1.0)
     x = torch.randn(1, 32, 48, 48, requires_grad=True)

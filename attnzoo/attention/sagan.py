@@ -11,10 +11,14 @@ The N x N matrix beta (N = h*w) is never built in one piece: the product runs th
 fused ``scaled_dot_product_attention`` kernels (flash / memory-efficient), whose memory grows with
 N, not N^2. Those kernels want q, k and v of one width: v is split into heads of ``HEAD_WIDTH``
 channels, q and k are zero-padded to that width (which leaves every q.k unchanged) and shared by all
-heads. The result is the formula above, exactly.
+heads. Off the GPU, where PyTorch's fused CPU backward is slow, a chunked implementation runs instead:
+queries in chunks, only the per-query log-sum-exp kept for the backward pass, which recomputes each
+chunk (the flash-attention recipe, in plain matmuls). Either way the result is the formula above.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +27,45 @@ from torch import nn
 from ..maps import report_map
 from ..registry import register_attention
 
-#: width of the heads v is split into; the fused CPU and GPU kernels are efficient at 32..128
+#: width of the heads v is split into; the fused kernels are efficient at 32..128
 HEAD_WIDTH = 64
+#: elements of one chunk's [B, queries, N] score matrix in the chunked path (64 MB in fp32)
+CHUNK_ELEMS = 1 << 24
+
+
+class ChunkedAttention(torch.autograd.Function):
+    """softmax(q k^T) v for q, k [B, N, d], v [B, N, C], holding O(chunk * N) memory, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+        b, n, _ = q.shape
+        out = v.new_empty(b, n, v.shape[-1])
+        lse = q.new_empty(b, n)
+        kt = k.transpose(1, 2)
+        for s in range(0, n, chunk):
+            scores = q[:, s : s + chunk] @ kt  # [B, c, N]
+            m = torch.logsumexp(scores, -1)
+            torch.bmm(scores.sub_(m[..., None]).exp_(), v, out=out[:, s : s + chunk])
+            lse[:, s : s + chunk] = m
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+        rows = (dout * out).sum(-1)  # [B, N]: sum_j P_ij dP_ij
+        for s in range(0, q.shape[1], ctx.chunk):
+            e = s + ctx.chunk
+            p = (q[:, s:e] @ kt).sub_(lse[:, s:e, None]).exp_()  # recomputed P, [B, c, N]
+            dv.baddbmm_(p.transpose(1, 2), dout[:, s:e])
+            ds = p.mul_((dout[:, s:e] @ vt).sub_(rows[:, s:e, None]))  # dS = P * (dP - rowsum)
+            torch.bmm(ds, k, out=dq[:, s:e])
+            dk.baddbmm_(ds.transpose(1, 2), q[:, s:e])
+        return dq, dk, dv, None
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
@@ -49,9 +90,10 @@ class SelfAttention(nn.Module):
     """Args:
     channels: channels of the gated feature map.
     reduction: q/k width is channels // reduction (at least 1); the paper uses 8.
+    backend: 'auto' (fused SDPA kernels on GPU, the chunked path elsewhere), 'sdpa' or 'chunked'.
     """
 
-    def __init__(self, channels: int, reduction: int = 8):
+    def __init__(self, channels: int, reduction: int = 8, backend: Literal["auto", "sdpa", "chunked"] = "auto"):
         super().__init__()
         if reduction < 1:
             raise ValueError(f"reduction must be >= 1, got {reduction}")
@@ -62,14 +104,27 @@ class SelfAttention(nn.Module):
         self.key = nn.Conv2d(channels, self.qk_channels, 1)
         self.value = nn.Conv2d(channels, channels, 1)
         self.gamma = nn.Parameter(torch.zeros(1))
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        n, d = h * w, self.head_width
+        n = h * w
         # the fused kernels need unit stride along the feature dim, hence the copies (O(N*C), not O(N^2))
         q = self.query(x).flatten(2).transpose(1, 2).contiguous()  # [B, N, d]
         k = self.key(x).flatten(2).transpose(1, 2).contiguous()
         v = self.value(x).flatten(2).transpose(1, 2).contiguous()  # [B, N, C]
+        if self.backend == "chunked" or (self.backend == "auto" and not x.is_cuda):
+            o = ChunkedAttention.apply(q, k, v, max(1, CHUNK_ELEMS // max(1, b * n)))
+        else:
+            o = self._sdpa(q, k, v)
+        o = o.transpose(1, 2).reshape(b, c, h, w)
+        report_map(self, lambda: received_attention(q.detach(), k.detach()).view(b, h, w))
+        return self.gamma * o + x
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The fused-kernel path: v in heads of ``head_width``, q and k zero-padded to it and shared."""
+        b, n, c = v.shape
+        d = self.head_width
         pad = self.heads * d - c
         if pad:
             v = F.pad(v, (0, pad))
@@ -77,10 +132,7 @@ class SelfAttention(nn.Module):
         qh = F.pad(q, (0, d - q.shape[-1])).unsqueeze(1).expand(b, self.heads, n, d)
         kh = F.pad(k, (0, d - k.shape[-1])).unsqueeze(1).expand(b, self.heads, n, d)
         o = F.scaled_dot_product_attention(qh, kh, v, scale=1.0)  # the paper has no 1/sqrt(d)
-        o = o.transpose(1, 2).reshape(b, n, self.heads * d)[..., :c]
-        o = o.transpose(1, 2).reshape(b, c, h, w)
-        report_map(self, lambda: received_attention(q.detach(), k.detach()).view(b, h, w))
-        return self.gamma * o + x
+        return o.transpose(1, 2).reshape(b, n, self.heads * d)[..., :c]
 
 
 def naive_self_attention(m: SelfAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
