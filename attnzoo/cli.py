@@ -262,6 +262,90 @@ def plugins(
                             ["distribution", "version", "provides", "status"], rows))
 
 
+@app.command()
+def interpret(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    data: Annotated[Path | None, typer.Option(help="Image folder (default: the data folder recorded in the run).")]
+    = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the plots and report.html (default: the run "
+                                                  "folder).")] = None,
+    n: Annotated[int, typer.Option(help="Images per figure (attention grid, top losses).")] = 6,
+    deletion_images: Annotated[int, typer.Option(help="Validation images for the deletion curves.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
+) -> None:
+    """Explain a trained RUN on its validation images: attention with Grad-CAM side by side, localisation scores
+    against boxes.csv (saved into the run's attnzoo.json), deletion curves, mistakes, and one report.html."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .interpret import interpret_run
+    from .run import load_run
+
+    for name, value in (("--n", n), ("--deletion-images", deletion_images)):
+        if value < 1:
+            raise AttnzooError(f"{name} must be at least 1, got {value}")
+    r = load_run(run)
+    console = _console()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=_console(stderr=True), transient=True) as bar:
+        task = bar.add_task("interpret", total=None)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        result = interpret_run(r, data=data, out=out, n=n, deletion_images=deletion_images, progress=progress)
+    if as_json:
+        print(json.dumps(dict(accuracy=result.accuracy, images=result.n_images, localization=result.localization,
+                              deletion_auc=result.faithfulness["auc"], most_confused=result.confused,
+                              files={k: str(v) for k, v in result.files.items()}), indent=2))
+        return
+    console.print(f"validation accuracy {result.accuracy:.1%} on {result.n_images} images")
+    if result.confused:
+        console.print(_table("most confused (actual -> predicted)", ["actual", "predicted", "images"],
+                             [list(c) for c in result.confused]))
+    if result.localization is not None:
+        loc = result.localization
+        console.print(_table(f"localisation on {loc['images']} validation images (higher = finds the object)",
+                             ["map", "kind", "pointing game", "energy in box"],
+                             [[k, v["kind"], f"{v['pointing']:.3f}", f"{v['energy']:.3f}"]
+                              for k, v in loc["scores"].items()]))
+    else:
+        console.print("no boxes.csv at the data root: localisation not scored")
+    faith = result.faithfulness
+    console.print(_table(f"deletion curves on {faith['images']} validation images (lower AUC = more faithful)",
+                         ["map", "deletion AUC"], [[k, f"{v:.3f}"] for k, v in faith["auc"].items()]))
+    console.print(f"[green]report:[/] {result.files['report']}")
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders.")],
+    out: Annotated[Path, typer.Option(help="Bar chart PNG.")] = Path("compare.png"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Compare RUNS side by side: accuracy, loss, size, speed and localisation scores; writes a bar chart."""
+    from . import viz
+    from .interpret import compare_figure, compare_runs
+
+    rows = compare_runs(runs)
+    written = viz.save_figure(compare_figure(rows), out)
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+
+    def num(v: Any, digits: int = 3) -> str:
+        return "-" if v is None or v != v else f"{v:.{digits}f}"
+
+    table = [[r["run"], r["backbone"], r["attn"], ", ".join(r["sites"]) or "-", num(r["accuracy"]),
+              num(r["valid_loss"]), "-" if r["params"] is None else f"{r['params']:,}",
+              num(r["time_per_epoch"], 1), f"{num(r['pointing'])} / {num(r['energy'])}"
+              + (f" ({r['best_site']})" if r["best_site"] else ""),
+              f"{num(r['gradcam_pointing'])} / {num(r['gradcam_energy'])}"] for r in rows]
+    _console().print(_table("runs", ["run", "backbone", "attn", "sites", "accuracy", "valid loss", "params",
+                                     "s/epoch", "pointing / energy (best site)", "Grad-CAM pointing / energy"],
+                            table))
+    _console().print(f"[green]chart:[/] {written}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning errors into one line and an exit code."""
     import warnings
