@@ -98,10 +98,10 @@ def train(learn: Learner, epochs: int, lr: float | None = None, freeze_epochs: i
         learn.fit_one_cycle(epochs, lr)
 
 
-def suggest_lr(learn: Learner) -> float:
+def suggest_lr(learn: Learner, num_it: int = 100) -> float:
     """fastai's ``lr_find`` valley, without its plot."""
     with learn.no_bar(), learn.removed_cbs([c for c in learn.cbs if isinstance(c, (RichProgress, History))]):
-        return float(learn.lr_find(show_plot=False).valley)
+        return float(learn.lr_find(num_it=num_it, show_plot=False).valley)
 
 
 class History(Callback):
