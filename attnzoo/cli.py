@@ -335,15 +335,18 @@ def compare(
     def num(v: Any, digits: int = 3) -> str:
         return "-" if v is None or v != v else f"{v:.{digits}f}"
 
-    table = [[r["run"], r["backbone"], r["attn"], ", ".join(r["sites"]) or "-", num(r["accuracy"]),
-              num(r["valid_loss"]), "-" if r["params"] is None else f"{r['params']:,}",
-              num(r["time_per_epoch"], 1), f"{num(r['pointing'])} / {num(r['energy'])}"
-              + (f" ({r['best_site']})" if r["best_site"] else ""),
-              f"{num(r['gradcam_pointing'])} / {num(r['gradcam_energy'])}"] for r in rows]
-    _console().print(_table("runs", ["run", "backbone", "attn", "sites", "accuracy", "valid loss", "params",
-                                     "s/epoch", "pointing / energy (best site)", "Grad-CAM pointing / energy"],
-                            table))
-    _console().print(f"[green]chart:[/] {written}")
+    console = _console()
+    console.print(_table("runs", ["run", "backbone", "attn", "sites", "accuracy", "valid loss", "params", "s/epoch"],
+                         [[r["run"], r["backbone"], r["attn"], ", ".join(r["sites"]) or "-", num(r["accuracy"]),
+                           num(r["valid_loss"]), "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M",
+                           num(r["time_per_epoch"], 1)] for r in rows]))
+    scored = [r for r in rows if r["best_site"] or r["gradcam_pointing"] == r["gradcam_pointing"]]
+    if scored:
+        console.print(_table("localisation (pointing game / energy in box; `attnzoo interpret` scores a run)",
+                             ["run", "best site", "pointing", "energy", "Grad-CAM pointing", "Grad-CAM energy"],
+                             [[r["run"], r["best_site"] or "-", num(r["pointing"]), num(r["energy"]),
+                               num(r["gradcam_pointing"]), num(r["gradcam_energy"])] for r in rows]))
+    console.print(f"[green]chart:[/] {written}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -324,8 +324,10 @@ def bar_figure(groups: Sequence[str], series: Mapping[str, Sequence[float]], tit
                hlines: Mapping[str, float] | None = None) -> Any:
     """Grouped bars in [0, 1], values written on top; NaN values get no bar; ``hlines`` are dashed references."""
     n, k = len(groups), max(1, len(series))
-    fig = viz._new_figure(max(5.0, 1.0 + n * (0.35 * k + 0.5)), 3.8)
-    ax = fig.add_axes((0.1, 0.24, 0.86, 0.64))
+    plot_w = max(3.0, n * (0.35 * k + 0.5))
+    fig_w = 0.8 + plot_w + 2.0  # room for the legend on the right
+    fig = viz._new_figure(fig_w, 3.8)
+    ax = fig.add_axes((0.8 / fig_w, 0.24, plot_w / fig_w, 0.64))
     width = 0.8 / k
     for j, (name, values) in enumerate(series.items()):
         xs = np.arange(n) + (j - (k - 1) / 2) * width
@@ -339,7 +341,7 @@ def bar_figure(groups: Sequence[str], series: Mapping[str, Sequence[float]], tit
     ax.set_ylim(0, 1.1)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=min(k, 4), loc="upper right", frameon=False)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     ax.set_title(title, fontsize=11, fontweight="bold")
     return fig
 
@@ -428,11 +430,12 @@ def _predict_all(run: Run, paths: Sequence[Path], bs: int, progress: Progress) -
     return torch.cat(probs), {k: torch.cat(v) for k, v in maps.items()}
 
 
-def _gradcam_paths(run: Run, paths: Sequence[Path], bs: int, progress: Progress) -> torch.Tensor:
+def _gradcam_paths(run: Run, paths: Sequence[Path], target: torch.Tensor, bs: int,
+                   progress: Progress) -> torch.Tensor:
     cams = []
     for start in range(0, len(paths), bs):
         progress("Grad-CAM", start, len(paths))
-        cams.append(gradcam(run, load_batch(run, paths[start : start + bs])))
+        cams.append(gradcam(run, load_batch(run, paths[start : start + bs]), target[start : start + bs]))
     progress("Grad-CAM", len(paths), len(paths))
     return torch.cat(cams)
 
@@ -475,7 +478,7 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
     keep = [i for i, b in enumerate(boxes) if b is not None]  # scored for localisation
     chosen = [index[p] for p in sample_valid(paths, deletion_images, seed)]  # for the deletion curves
     need = sorted(set(keep) | set(chosen))
-    cam = _gradcam_paths(run, [paths[i] for i in need], bs, progress)
+    cam = _gradcam_paths(run, [paths[i] for i in need], labels[need], bs, progress)  # the true class, as scored
     cam_label = gradcam_label(run.model, run.img_size)
     maps[cam_label] = torch.zeros(len(paths), *cam.shape[1:])  # only the rows in `need` are used
     maps[cam_label][need] = cam
@@ -608,8 +611,8 @@ def findings(run: Run, result: Interpretation) -> list[str]:
     ranked = sorted(auc, key=auc.get)
     if ranked and ranked[0] != "random":
         out.append(f"Deleting the pixels <b>{html.escape(ranked[0])}</b> ranks highest lowers the true class's "
-                   f"probability fastest (deletion AUC {auc[ranked[0]]:.3f}; random map "
-                   f"{auc.get('random', float('nan')):.3f}): the prediction rests on what that map shows.")
+                   f"probability fastest: deletion AUC {auc[ranked[0]]:.3f}, against "
+                   f"{auc.get('random', float('nan')):.3f} for a random map (lower is more faithful).")
     elif ranked:
         out.append("No map beats the random map in the deletion test: the prediction does not rest on the "
                    "attended pixels more than on any others.")
@@ -634,9 +637,7 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
     n_train = sum((counts.get("train") or {}).values())
     lead = (f"<b>{html.escape(str(cfg.get('backbone')))}</b> with <b>{html.escape(str(cfg.get('attn')))}</b> "
             f"attention ({html.escape(kind)}) at <b>{html.escape(sites)}</b>, trained for "
-            f"{len(rows) or '?'} epochs on {n_train or '?'} images of {len(run.classes)} classes. "
-            f"On the {result.n_images} validation images it is right <b>{result.accuracy:.1%}</b> of the time "
-            f"(chance: {1 / len(run.classes):.1%}).")
+            f"{len(rows) or '?'} epochs on {n_train or '?'} images of {len(run.classes)} classes.")
     facts = [
         ["backbone", cfg.get("backbone")], ["attention module", f"{cfg.get('attn')} ({kind})"],
         ["sites", sites], ["attention options", json.dumps(cfg.get("attn_options") or {})],
@@ -671,7 +672,8 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
     parts += [
         "<h2>Where the model looks</h2>",
         "<p>One row per validation image: the image as the model sees it, then each site's attention map "
-        f"blended over it (red = high, blue = low), then Grad-CAM at {html.escape(cam_site)}. A green "
+        f"blended over it (red = high, blue = low), then Grad-CAM at {html.escape(cam_site)} for the predicted "
+        "class. A green "
         "&#10003; title means the prediction is right, a red &#10007; wrong, with the probability the model "
         "gives its prediction. The white rectangle, when shown, is the object's box. Each map is scaled to its "
         "own range, so compare where maps are high, not their colours.</p>",
@@ -685,10 +687,11 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
     else:
         parts += [
             f"<p>Scored on the {loc['images']} validation images that have a box. <b>Pointing game</b>: the share "
-            "of images where the map's maximum lies inside the object's box. <b>Energy in box</b>: the share of "
+            "of images where the map's strongest cell lies inside the object's box. <b>Energy in box</b>: the share of "
             "the map's mass inside the box (after shifting the map's minimum to 0). Both are higher when the "
-            "map finds the object. <i>Random</i> is a seeded noise map scored the same way; <i>chance</i> is "
-            "what a map that knows nothing scores on average (the box's share of the image).</p>",
+            "map finds the object. Grad-CAM is computed for the true class here. <i>Random</i> is a seeded "
+            "noise map scored the same way; <i>chance</i> is what a map that knows nothing scores on average "
+            "(the box's share of the image).</p>",
             _html_table(["map", "kind", "pointing game", "energy in box"],
                         [[k, v["kind"], _fmt(v["pointing"], 3), _fmt(v["energy"], 3)]
                          for k, v in loc["scores"].items()]),
@@ -700,8 +703,8 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
         f"<p>Deletion test on {faith['images']} validation images: the pixels a map ranks highest are "
         f"replaced by the mean colour, {100 // faith['steps']}% of the image at a time, and the probability of "
         "the true class is measured. A map that points at what the prediction depends on makes the probability "
-        "fall fast: a <b>lower area under the curve (AUC) is more faithful</b>. The random map is the "
-        "reference.</p>",
+        "fall fast: a <b>lower area under the curve (AUC) is more faithful</b>. Grad-CAM is for the true "
+        "class; the random map is the reference.</p>",
         _figure(files.get("deletion"), "deletion curves"),
         _html_table(["map", "deletion AUC (lower = more faithful)"],
                     [[k, _fmt(v, 3)] for k, v in sorted(faith["auc"].items(), key=lambda kv: kv[1])]),
