@@ -610,9 +610,12 @@ def findings(run: Run, result: Interpretation) -> list[str]:
     auc = result.faithfulness["auc"]
     ranked = sorted(auc, key=auc.get)
     if ranked and ranked[0] != "random":
+        site = next((k for k in ranked if k in run.model.sites), None)
+        also = (f"; the most faithful attention map is {html.escape(site)} ({auc[site]:.3f})"
+                if site is not None and site != ranked[0] else "")
         out.append(f"Deleting the pixels <b>{html.escape(ranked[0])}</b> ranks highest lowers the true class's "
                    f"probability fastest: deletion AUC {auc[ranked[0]]:.3f}, against "
-                   f"{auc.get('random', float('nan')):.3f} for a random map (lower is more faithful).")
+                   f"{auc.get('random', float('nan')):.3f} for a random map (lower is more faithful){also}.")
     elif ranked:
         out.append("No map beats the random map in the deletion test: the prediction does not rest on the "
                    "attended pixels more than on any others.")

@@ -21,8 +21,10 @@ from attnzoo.interpret import (
     deletion_curves,
     gradcam,
     gradcam_site,
+    load_batch,
     most_confused,
 )
+from attnzoo.localize import load_boxes, score_maps
 from attnzoo.run import save_run
 
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
@@ -186,6 +188,20 @@ def test_localisation_lands_in_attnzoo_json_next_to_everything_else(interpreted)
     assert scores["layer1"]["kind"] == "attention" and scores["chance"]["kind"] == "chance"
     assert set(config["faithfulness"]["auc"]) == {"layer1", "layer2", "layer3", "Grad-CAM (layer3)", "random"}
     assert config["backbone"] == "test_resnet" and len(config["metrics"]["per_epoch"]) == 2
+
+
+def test_the_python_api_works_on_a_loaded_run_as_in_a_notebook(interpreted):
+    data, run_dir, _, _ = interpreted
+    run = attnzoo.load_run(run_dir)
+    paths = sorted((data / "valid" / "red").glob("*.png"))
+    x = load_batch(run, paths)
+    cam = gradcam(run, x)
+    probs, maps = run.predict(x)
+    curves = deletion_curves(run, x, [run.classes.index("red")] * len(paths), {**maps, "Grad-CAM": cam}, steps=2)
+    assert cam.shape == (2, 2, 2) and probs.shape == (2, 3)
+    assert set(curves) == {"layer1", "layer2", "layer3", "Grad-CAM"}
+    boxes = load_boxes(data, paths, run.img_size)
+    assert score_maps({"Grad-CAM": cam}, boxes, run.img_size)["Grad-CAM"]["images"] == 2
 
 
 def test_compare_prints_a_table_and_writes_a_bar_chart(interpreted, tmp_path, capsys):
