@@ -123,10 +123,18 @@ def fit(
     console.print(f"next: attnzoo show-attention IMAGE --run {run_dir}")
 
 
-def _load(run: Path | None) -> Any:
+def _predict(images: list[Path], run: Path | None, top: int) -> tuple[Any, list, dict]:
+    """The run (given, or the newest under ./runs), its top-k per image and the attention maps."""
     from .run import latest_run, load_run
 
-    return load_run(run if run is not None else latest_run())
+    if top < 1:
+        raise AttnzooError(f"--top must be at least 1, got {top}")
+    for p in images:
+        if not p.is_file():
+            raise AttnzooError(f"image not found: {p}")
+    r = load_run(run if run is not None else latest_run())
+    probs, maps = r.predict(images)
+    return r, r.top(probs, top), maps
 
 
 @app.command("show-attention")
@@ -141,12 +149,7 @@ def show_attention(
     from . import viz
     from .interpret import display_image
 
-    for p in images:
-        if not p.is_file():
-            raise AttnzooError(f"image not found: {p}")
-    r = _load(run)
-    probs, maps = r.predict(images)
-    tops = r.top(probs, top)
+    r, tops, maps = _predict(images, run, top)
     console = _console()
     if out is not None and out.suffix.lower() == ".png" and len(images) == 1:
         targets = [out]
@@ -171,12 +174,7 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Predict the class of IMAGES with a trained run."""
-    for p in images:
-        if not p.is_file():
-            raise AttnzooError(f"image not found: {p}")
-    r = _load(run)
-    probs, _ = r.predict(images)
-    tops = r.top(probs, top)
+    r, tops, _ = _predict(images, run, top)
     if as_json:
         print(json.dumps([{"image": str(p), "top": [{"class": c, "prob": round(v, 6)} for c, v in t]}
                           for p, t in zip(images, tops)], indent=2))
