@@ -4,9 +4,11 @@ The demo set is a small image-classification problem generated locally (no
 network): each image shows exactly one coloured shape (one of
 :data:`DEMO_CLASSES`) at a random position, size and rotation, drawn over a
 cluttered, textured background (colour gradient, pixel noise, thin lines, small
-dots, arcs and small rectangle outlines in random colours). The shape is the
-only evidence of the class, so a model that classifies well has to look at it,
-and because we know where the object is we can score attention maps against
+dots, arcs and small rectangle outlines in random colours). Objects are bright
+and saturated on a dimmer background, most clutter has the same kind of colours,
+and colour, size and place are drawn independently of the class: the shape is the
+only evidence of the class, so a model that classifies well has to look at the
+object. Because we know where the object is, attention maps can be scored against
 its bounding box. ``attnzoo fit --data demo`` trains on it.
 
 Layout written by :func:`make_demo` (``root`` defaults to :func:`demo_root`)::
@@ -38,7 +40,7 @@ import math
 import os
 import pathlib
 import shutil
-import tempfile
+import uuid
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -54,6 +56,9 @@ __all__ = [
 
 DEMO_CLASSES: tuple[str, ...] = ("circle", "cross", "ring", "square", "star", "triangle")
 DEMO_VERSION = "demo-v1"
+# Bumped whenever the pictures change (drawing code or _STYLE); recorded in demo.json so
+# that a cached set from an older generator is regenerated rather than reused.
+_GENERATOR_REVISION = 2
 
 _SPLITS: tuple[str, ...] = ("train", "valid")
 _BOXES_HEADER = ("image", "x_min", "y_min", "x_max", "y_max")
@@ -63,16 +68,18 @@ _OWN_ENTRIES = frozenset({"train", "valid", "boxes.csv", "demo.json"})
 
 # Generation style (part of the demo-v1 definition: changing any value changes the images).
 _STYLE: dict[str, tuple[float, float]] = {
-    "radius": (0.13, 0.27),  # circumradius / side: objects span ~25%-55% of the image
-    "bg_sat": (0.0, 1.0),  # background gradient colour saturation (blend with grey)
-    "bg_val": (0.0, 1.0),  # background gradient brightness scale
+    "radius": (0.18, 0.30),  # circumradius / side: object boxes span ~30%-60% of the side
+    "bg_sat": (0.1, 0.5),  # background gradient colours: saturation (blend with their grey)
+    "bg_val": (0.2, 0.5),  # ... and brightness scale (backgrounds are dim, objects bright)
     "blot": (10.0, 28.0),  # std of the smooth blotch texture
     "noise": (6.0, 16.0),  # std of per-pixel noise
-    "lines": (3, 8),  # counts of each clutter kind, [lo, hi)
-    "dots": (4, 12),
-    "rects": (1, 4),
-    "arcs": (0, 3),
-    "contrast": (110.0, 110.0),  # min RGB distance object colour <-> background under it
+    "fg_sat": (0.5, 0.85),  # HSV saturation / value of object and most clutter colours
+    "fg_val": (1.0, 1.0),
+    "lines": (2, 5),  # number of each clutter kind, [lo, hi)
+    "dots": (3, 8),
+    "rects": (1, 3),
+    "arcs": (0, 2),
+    "contrast": (140.0, 140.0),  # min RGB distance object colour <-> background under it
 }
 
 Box = tuple[int, int, int, int]
@@ -96,8 +103,8 @@ def demo_root(seed: int = 0) -> pathlib.Path:
 def _saturated_color(rng: np.random.Generator) -> Color:
     """A random bright, saturated RGB colour."""
     h = float(rng.uniform(0.0, 1.0))
-    s = float(rng.uniform(0.65, 1.0))
-    v = float(rng.uniform(0.75, 1.0))
+    s = float(rng.uniform(*_STYLE["fg_sat"]))
+    v = float(rng.uniform(*_STYLE["fg_val"]))
     r, g, b = colorsys.hsv_to_rgb(h, s, v)
     return (round(r * 255), round(g * 255), round(b * 255))
 
@@ -161,6 +168,7 @@ def _draw_object(shape: str, size: int, rng: np.random.Generator) -> Image.Image
 
 def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     """Float (size, size, 3) textured background: colour gradient plus noise."""
+
     def bg_color() -> np.ndarray:
         c = rng.uniform(0, 255, size=3)
         grey = c.mean()
@@ -188,7 +196,10 @@ def _draw_clutter(draw: ImageDraw.ImageDraw, size: int, rng: np.random.Generator
     """Random distractors, all far smaller or thinner than any class object."""
 
     def color() -> Color:
-        return _saturated_color(rng) if rng.uniform() < 0.8 else tuple(int(v) for v in rng.integers(0, 256, 3))  # type: ignore[return-value]
+        if rng.uniform() < 0.8:
+            return _saturated_color(rng)
+        r, g, b = (int(v) for v in rng.integers(0, 256, 3))
+        return (r, g, b)
 
     def point() -> tuple[float, float]:
         return (float(rng.uniform(0, size)), float(rng.uniform(0, size)))
@@ -272,6 +283,7 @@ def _class_counts(n: int) -> list[int]:
 def _params(seed: int, n_train: int, n_valid: int, size: int) -> dict[str, object]:
     return {
         "version": DEMO_VERSION,
+        "generator": _GENERATOR_REVISION,
         "seed": seed,
         "n_train": n_train,
         "n_valid": n_valid,
@@ -303,6 +315,21 @@ def _generate(out: pathlib.Path, seed: int, n_train: int, n_valid: int, size: in
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(_BOXES_HEADER)
         writer.writerows(rows)
+
+
+def _fresh_sibling(root: pathlib.Path, tag: str) -> pathlib.Path:
+    """A new empty hidden folder next to ``root`` (same file system, so ``os.replace`` works).
+
+    Unlike ``tempfile.mkdtemp`` (always mode 0700) it gets the usual umask permissions,
+    which the dataset keeps once it is moved into place.
+    """
+    while True:
+        path = root.parent / f".{root.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def make_demo(
@@ -342,14 +369,14 @@ def make_demo(
                 f"(unexpected entries: {foreign[:5]}); refusing to overwrite it"
             )
     root_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{root_path.name}.tmp-", dir=root_path.parent))
+    tmp = _fresh_sibling(root_path, "tmp")
     try:
         _generate(tmp, seed, n_train, n_valid, size)
         (tmp / "demo.json").write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
         if not force and _is_complete(root_path, params):
             return root_path  # another process finished the same set meanwhile
         if root_path.exists():
-            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{root_path.name}.old-", dir=root_path.parent))
+            old = _fresh_sibling(root_path, "old")
             os.replace(root_path, old / "set")
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, root_path)
