@@ -81,7 +81,7 @@ def attention_learner(
     elif mixed_precision is not None:
         raise ValueError(f"mixed_precision must be auto, bf16, fp16 or None, got {mixed_precision!r}")
     if channels_last if channels_last is not None else on_gpu:
-        learn.to_channelslast(amp_mode=None) if mixed_precision is None else learn.to_channelslast()
+        learn.to_channelslast(use_amp=False)  # mixed precision, if any, was added just above
     return learn
 
 

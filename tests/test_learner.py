@@ -42,3 +42,14 @@ def test_lr_find_leaves_no_epochs_in_the_history(dls):
     learn = attnzoo.attention_learner(dls, "test_resnet", attn="sagan", pretrained=False, cbs=[history])
     assert suggest_lr(learn, num_it=12) > 0
     assert history.rows == []
+
+
+def test_channels_last_training_runs(dls):
+    from fastai.callback.channelslast import ChannelsLast
+
+    learn = attnzoo.attention_learner(dls, "test_resnet", attn="sagan", pretrained=False, channels_last=True)
+    assert any(isinstance(cb, ChannelsLast) for cb in learn.cbs)
+    assert not hasattr(learn, "mixed_precision")  # no mixed precision on CPU
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3)
+    assert learn.recorder.values and all(torch.isfinite(torch.tensor(v)).all() for v in learn.recorder.values)
