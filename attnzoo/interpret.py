@@ -181,7 +181,7 @@ def gradcam_site(model: nn.Module, img_size: int | None = None) -> str:
 
 
 def gradcam_label(model: nn.Module, img_size: int | None = None) -> str:
-    return f"Grad-CAM ({gradcam_site(model, img_size)})"
+    return f"Grad-CAM at {gradcam_site(model, img_size)}"
 
 
 def _site_to_map(model: nn.Module, site: str, img_size: int) -> Callable[[torch.Tensor], torch.Tensor]:

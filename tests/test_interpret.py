@@ -173,7 +173,7 @@ def test_report_html_is_one_self_contained_page(interpreted):
     assert page.count("data:image/png;base64,") == 6
     assert 'src="http' not in page and "href=" not in page
     assert not re.search(r'src="(?!data:)', page)
-    for words in ("test_resnet", "lpa-pc", "pointing game", "energy in box", "deletion AUC", "Grad-CAM (layer3)",
+    for words in ("test_resnet", "lpa-pc", "pointing game", "energy in box", "deletion AUC", "Grad-CAM at layer3",
                   "Most confused"):
         assert words in page, words
 
@@ -183,10 +183,10 @@ def test_localisation_lands_in_attnzoo_json_next_to_everything_else(interpreted)
     config = json.loads((run_dir / "attnzoo.json").read_text())
     scores = config["localization"]["scores"]
     assert config["localization"]["images"] == 6
-    assert set(scores) == {"layer1", "layer2", "layer3", "Grad-CAM (layer3)", "random", "chance"}
+    assert set(scores) == {"layer1", "layer2", "layer3", "Grad-CAM at layer3", "random", "chance"}
     assert all(0 <= s["pointing"] <= 1 and 0 <= s["energy"] <= 1 for s in scores.values())
     assert scores["layer1"]["kind"] == "attention" and scores["chance"]["kind"] == "chance"
-    assert set(config["faithfulness"]["auc"]) == {"layer1", "layer2", "layer3", "Grad-CAM (layer3)", "random"}
+    assert set(config["faithfulness"]["auc"]) == {"layer1", "layer2", "layer3", "Grad-CAM at layer3", "random"}
     assert config["backbone"] == "test_resnet" and len(config["metrics"]["per_epoch"]) == 2
 
 
