@@ -113,7 +113,13 @@ def test_options_are_checked_at_create_time():
     assert model.readout.agg == "indep" and model.readout.norm == "sigmoid"
 
 
-def test_pretrained_without_network_says_how_to_proceed():
+def test_pretrained_without_network_says_how_to_proceed(monkeypatch):
+    import socket
+
+    def refuse(*_args, **_kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)  # offline for sure, whatever the hub settings
     with pytest.raises(PretrainedUnavailable, match="--no-pretrained.*--weights FILE"):
         attnzoo.create_model("resnet18", "sagan", pretrained=True)
 
