@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import AttnzooError, PretrainedUnavailable, SiteError, UnknownNameError
 from .maps import MapRecorder, as_spatial
-from .registry import AttentionSpec, get_attention, parse_options
+from .registry import AttentionSpec, get_attention, parse_options, site_kwargs
 
 log = logging.getLogger("attnzoo")
 
@@ -398,10 +398,7 @@ def create_model(
 
 def _construct(spec: AttentionSpec, where: str, shape: Any, *args: Any, **options: Any) -> nn.Module:
     """Build the module for its site(s); a gate that takes ``feat_size`` gets the site's map size ``(h, w)``."""
-    import inspect
-
-    if spec.kind == "gate" and "feat_size" in inspect.signature(spec.cls).parameters:
-        options = {**options, "feat_size": tuple(shape[-2:])}
+    options = {**options, **site_kwargs(spec, tuple(shape[-2:]))}
     try:
         module = spec.cls(*args, **{**spec.defaults, **options})
         check = getattr(module, "check_site", None)

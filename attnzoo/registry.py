@@ -95,6 +95,16 @@ class AttentionSpec:
 
 _registry: dict[str, AttentionSpec] = {}
 
+#: keyword a gate may accept that the host fills with the site's map size (h, w); never a user option
+FEAT_SIZE = "feat_size"
+
+
+def site_kwargs(spec: AttentionSpec, size: tuple[int, int]) -> dict[str, Any]:
+    """What the host adds to a gate's options at a site: ``feat_size`` when the constructor takes it."""
+    if spec.kind == "gate" and FEAT_SIZE in inspect.signature(spec.cls).parameters:
+        return {FEAT_SIZE: tuple(size)}
+    return {}
+
 
 def _option_type(annotation: Any, default: Any) -> tuple[type, tuple[Any, ...] | None]:
     if typing.get_origin(annotation) is Literal:
@@ -123,7 +133,7 @@ def options_of(cls: Callable[..., Any], kind: Kind) -> dict[str, Option]:
         )
     opts = {}
     for p in params[len(expected):]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or (kind == "gate" and p.name == "feat_size"):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or (kind == "gate" and p.name == FEAT_SIZE):
             continue
         if p.default is inspect.Parameter.empty:
             raise TypeError(f"option '{p.name}' of {cls.__name__} needs a default")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .maps import MapRecorder, as_spatial
-from .registry import AttentionSpec, get_attention, options_of
+from .registry import AttentionSpec, get_attention, options_of, site_kwargs
 
 GATE_CHANNELS = 24
 GATE_SIZES = ((7, 9), (1, 1), (16, 16))
@@ -69,8 +69,7 @@ def _inputs(spec: AttentionSpec, batch: int, size: tuple[int, int] | None = None
 
 def _build(spec: AttentionSpec, options: dict[str, Any], size: tuple[int, int]) -> nn.Module | None:
     args = (GATE_CHANNELS,) if spec.kind == "gate" else (list(LOCAL_CHANNELS), GLOBAL_CHANNELS, NUM_CLASSES)
-    if spec.kind == "gate" and "feat_size" in inspect.signature(spec.cls).parameters:
-        options = {**options, "feat_size": tuple(size)}  # as create_model passes the site's map size
+    options = {**options, **site_kwargs(spec, size)}  # as create_model passes the site's map size
     module = spec.cls(*args, **{**spec.defaults, **options})
     assert isinstance(module, nn.Module), f"{spec.name} built a {type(module).__name__}, not an nn.Module"
     check = getattr(module, "check_site", None)
