@@ -8,13 +8,20 @@ Layouts (class names always come from folder names):
 - one folder of class subfolders, split at random (``valid_pct``, seeded);
 - ``demo``: the embedded synthetic set (``attnzoo.demo``), generated once into a cache folder.
 
-Images of any mode become RGB; any size is squashed to ``img_size`` x ``img_size`` (squashing keeps the
-whole image, so object boxes map straight onto attention maps).
+Images of any mode become RGB (``to_rgb``: 16-bit and float images are rescaled, transparency is flattened
+onto white, EXIF orientation is honoured); any size is squashed to ``img_size`` x ``img_size`` (squashing
+keeps the whole image, so object boxes map straight onto attention maps).
+
+Every file in a class folder is checked before training (``scan_images``: decoded in parallel threads, JPEGs
+at 1/8 scale): files that are empty, not images, cannot be decoded, are broken symlinks or are over the
+decompression-bomb limit are left out and listed in ``DatasetInfo.skipped``. Symlinked files are followed;
+symlinked folders inside a class folder are not (no loops).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +31,7 @@ from .errors import AttnzooError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 VALID_NAMES = ("valid", "val", "validation", "test")
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold; larger images are refused, never decoded
 
 
 @dataclass
@@ -33,43 +41,174 @@ class DatasetInfo:
     classes: list[str]
     train: list[Path] = field(repr=False)
     valid: list[Path] = field(repr=False)
+    skipped: list[tuple[str, str]] = field(default_factory=list, repr=False)  # (path, reason)
+    warnings: list[str] = field(default_factory=list, repr=False)
+    labels: dict[Path, str] = field(default_factory=dict, repr=False)  # path -> class (its class folder)
+
+    def label(self, path: Path) -> str:
+        return self.labels.get(Path(path)) or Path(path).parent.name
 
     def counts(self) -> dict[str, dict[str, int]]:
         out = {}
         for split, items in (("train", self.train), ("valid", self.valid)):
-            c = Counter(p.parent.name for p in items)
+            c = Counter(self.label(p) for p in items)
             out[split] = {k: c.get(k, 0) for k in self.classes}
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"root": str(self.root), "layout": self.layout, "classes": self.classes, "counts": self.counts()}
+        return {"root": str(self.root), "layout": self.layout, "classes": self.classes, "counts": self.counts(),
+                "skipped": len(self.skipped), "warnings": self.warnings}
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
+def to_rgb(im: Any) -> Any:
+    """Any PIL image as 8-bit RGB: 16-bit/32-bit/float images rescaled (not clipped), transparency flattened
+    onto white, palette, CMYK, grey and the rest converted."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or (im.mode == "I" and arr.min() >= 0 and arr.max() <= 65535 and arr.max() > 255):
+            arr = arr / 257.0
+        elif im.mode == "F" or arr.max() > 255 or arr.min() < 0:
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        im = Image.fromarray(np.clip(np.nan_to_num(arr), 0, 255).round().astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def open_rgb(path: str | os.PathLike, size: int | None = None) -> Any:
+    """Open an image file as RGB with its EXIF orientation applied; ``size``: JPEGs may be decoded at a
+    reduced scale that is still at least ``size`` on both sides (the training resize follows)."""
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError:
+            raise ValueError(f"too large: over the {MAX_PIXELS:,}-pixel decompression-bomb limit") from None
+    with im:
+        w, h = im.size
+        if w * h > MAX_PIXELS:
+            raise ValueError(f"too large: {w}x{h} pixels is over the {MAX_PIXELS:,}-pixel decompression-bomb limit")
+        if size:
+            im.draft("RGB", (size, size))
+        return to_rgb(ImageOps.exif_transpose(im))
+
+
+class _LabelOf:
+    """fastai ``get_y``: the class folder an image was found in (picklable for DataLoader workers)."""
+
+    def __init__(self, labels: dict[Path, str]) -> None:
+        self.labels = labels
+
+    def __call__(self, path: Any) -> str:
+        return self.labels.get(Path(path)) or Path(path).parent.name
+
+
+class ImageOpener:
+    """fastai type transform: path -> ``PILImage`` through ``open_rgb`` (picklable for DataLoader workers)."""
+
+    def __init__(self, size: int | None = None) -> None:
+        self.size = size
+
+    def __call__(self, path: Any) -> Any:
+        from fastai.vision.core import PILImage
+
+        return PILImage.create(open_rgb(path, self.size))
+
+
+def check_image(path: Path) -> str | None:
+    """Why ``path`` cannot be used as a training image, or None. Decodes it (JPEGs at 1/8 scale)."""
+    from PIL import Image
+
+    try:
+        if path.is_symlink() and not path.exists():
+            return "broken symlink"
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                return f"too large: {w}x{h} pixels is over the {MAX_PIXELS:,}-pixel decompression-bomb limit"
+            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+            im.load()
+    except Image.DecompressionBombError:
+        return f"too large: over the {MAX_PIXELS:,}-pixel decompression-bomb limit"
+    except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, struct.error, zlib.error, ...)
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return f"cannot be decoded: {why}"
+    return None
+
+
+def scan_images(paths: list[Path], workers: int | None = None) -> dict[Path, str]:
+    """``{path: reason}`` for the files among ``paths`` that cannot be used; decoding runs in threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    if not paths:
+        return {}
+    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if workers <= 1 or len(paths) < 64:
+            reasons = [check_image(p) for p in paths]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                reasons = list(pool.map(check_image, paths, chunksize=32))
+    return {p: r for p, r in zip(paths, reasons) if r is not None}
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every non-folder entry under ``folder`` (symlinked files included, broken ones too)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() or (p.is_symlink() and not p.exists()))
 
 
 def _class_dirs(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _labelled(folder: Path) -> list[Path]:
-    """Images one level below ``folder``'s class subfolders (deeper nesting counts for that class)."""
+def _labelled(folder: Path, labels: dict[Path, str], skipped: list[tuple[Path, str]], empty: list[str]) -> list[Path]:
+    """Image files below ``folder``'s class subfolders (deeper nesting counts for that class: ``labels``
+    maps each to its class folder's name); other files go to ``skipped`` with a reason, class folders with
+    no image file to ``empty``."""
     items = []
     for d in _class_dirs(folder):
-        items += _images(d)
+        found = 0
+        for p in _files(d):
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                items.append(p)
+                labels[p] = d.name
+                found += 1
+            else:
+                skipped.append((p, f"not an image file ({p.suffix or p.name})"))
+        if not found:
+            empty.append(d.name)
     return items
 
 
-def find_dataset(path: str | os.PathLike, valid_pct: float = 0.2, seed: int = 0) -> DatasetInfo:
-    """Work out the layout of an image folder and its train/valid split."""
+def find_dataset(path: str | os.PathLike, valid_pct: float = 0.2, seed: int = 0, check: bool = True,
+                 workers: int | None = None) -> DatasetInfo:
+    """Work out the layout of an image folder and its train/valid split.
+
+    ``check``: decode every image first (``scan_images``) and leave out the ones that cannot be used; they
+    and every other left-out file are listed in ``skipped``. Problems that do not stop training (an empty
+    class folder, a class with one image) are listed in ``warnings``.
+    """
     root = Path(path).expanduser()
     if not root.exists():
         raise AttnzooError(f"data folder not found: {root}")
     if not root.is_dir():
         raise AttnzooError(f"data must be a folder of class subfolders, got a file: {root}")
+    skipped: list[tuple[Path, str]] = []
+    empty: list[str] = []
+    labels: dict[Path, str] = {}
     subdirs = {d.name.lower(): d for d in _class_dirs(root)}
     if "seg_train" in subdirs:
         train_dir = subdirs["seg_train"]
@@ -77,32 +216,60 @@ def find_dataset(path: str | os.PathLike, valid_pct: float = 0.2, seed: int = 0)
         test_dir = subdirs.get("seg_test")
         if test_dir is not None and (test_dir / "seg_test").is_dir():
             test_dir = test_dir / "seg_test"
-        layout, train, valid = "intel", _labelled(train_dir), _labelled(test_dir) if test_dir else []
-        class_root = train_dir
+        layout, class_root = "intel", train_dir
+        train = _labelled(train_dir, labels, skipped, empty)
+        valid = _labelled(test_dir, labels, skipped, []) if test_dir else []
     elif "train" in subdirs:
         valid_dir = next((subdirs[n] for n in VALID_NAMES if n in subdirs), None)
-        layout, train, valid = "train/valid", _labelled(subdirs["train"]), _labelled(valid_dir) if valid_dir else []
-        class_root = subdirs["train"]
+        layout, class_root = "train/valid", subdirs["train"]
+        train = _labelled(subdirs["train"], labels, skipped, empty)
+        valid = _labelled(valid_dir, labels, skipped, []) if valid_dir else []
     else:
-        layout, train, valid, class_root = "folder", _labelled(root), [], root
-    classes = sorted({p.parent.name for p in train} | {p.parent.name for p in valid})
+        layout, class_root = "folder", root
+        train, valid = _labelled(root, labels, skipped, empty), []
+    if check:
+        bad = scan_images(train + valid, workers)
+        skipped += list(bad.items())
+        train = [p for p in train if p not in bad]
+        valid = [p for p in valid if p not in bad]
+    skipped.sort()
+    notes = [f"class folder '{name}' has no images: left out" for name in empty]
     if not train:
-        raise AttnzooError(f"no images found in class subfolders of {class_root}")
+        why = f" ({len(skipped)} files skipped as unusable)" if skipped else ""
+        raise AttnzooError(f"no usable images found in class subfolders of {class_root}{why}")
+    classes = sorted({labels[p] for p in train} | {labels[p] for p in valid})
     if not valid:
         if not 0 < valid_pct < 1:
             raise AttnzooError(f"valid_pct must be between 0 and 1, got {valid_pct}")
-        import random
-
-        order = list(train)
-        random.Random(seed).shuffle(order)
-        n_valid = max(1, round(len(order) * valid_pct))
-        valid, train = sorted(order[:n_valid]), sorted(order[n_valid:])
+        train, valid = _random_split(train, labels, valid_pct, seed)
         layout += f" (random {valid_pct:.0%} valid, seed {seed})"
     if len(classes) < 2:
         raise AttnzooError(
             f"need at least two classes (subfolders) to classify, found {classes or 'none'} in {class_root}"
         )
-    return DatasetInfo(root, layout, classes, train, valid)
+    counts = Counter(labels[p] for p in train)
+    notes += [f"class '{c}' has a single training image" for c in classes if counts.get(c, 0) == 1]
+    notes += [f"class '{c}' has no training images (only validation ones)" for c in classes if not counts.get(c)]
+    return DatasetInfo(root, layout, classes, train, valid, [(str(p), r) for p, r in skipped], notes,
+                       {p: labels[p] for p in train + valid})
+
+
+def _random_split(items: list[Path], labels: dict[Path, str], valid_pct: float,
+                  seed: int) -> tuple[list[Path], list[Path]]:
+    """A seeded random split in which every class keeps at least one training image."""
+    import random
+
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    n_valid = max(1, round(len(order) * valid_pct))
+    valid, train = order[:n_valid], order[n_valid:]
+    in_train = {labels[p] for p in train}
+    for p in list(valid):
+        if labels[p] not in in_train:
+            valid.remove(p)
+            train.append(p)
+            in_train.add(labels[p])
+    return sorted(train), sorted(valid)
 
 
 def resolve_data(data: str, seed: int = 0) -> Path:
@@ -131,17 +298,20 @@ def image_dataloaders(
     seed: int = 0,
     device: Any = None,
 ):
-    """fastai ``DataLoaders`` over ``info``'s split: squash-resize, flips and a small affine, normalisation."""
+    """fastai ``DataLoaders`` over ``info``'s split: squash-resize, flips and a small affine, normalisation.
+
+    Images are opened with ``open_rgb`` (EXIF orientation, any mode to RGB, large JPEGs decoded at a
+    reduced scale); the augmentation runs batch-wise on the device; pinned memory when CUDA is available."""
     from fastai.vision.all import (
         CategoryBlock,
         DataBlock,
-        ImageBlock,
         IndexSplitter,
+        IntToFloatTensor,
         Normalize,
         Resize,
         ResizeMethod,
+        TransformBlock,
         aug_transforms,
-        parent_label,
     )
 
     items = list(info.train) + list(info.valid)
@@ -152,9 +322,10 @@ def image_dataloaders(
                                      p_affine=0.5, p_lighting=0.5)
     batch_tfms.append(Normalize.from_stats(list(mean), list(std)))
     block = DataBlock(
-        blocks=(ImageBlock, CategoryBlock(vocab=info.classes)),
+        blocks=(TransformBlock(type_tfms=ImageOpener(img_size), batch_tfms=IntToFloatTensor),
+                CategoryBlock(vocab=info.classes)),
         get_items=lambda _: items,
-        get_y=parent_label,
+        get_y=_LabelOf(info.labels),
         splitter=IndexSplitter(valid_idx),
         item_tfms=Resize(img_size, method=ResizeMethod.Squish),
         batch_tfms=batch_tfms,
@@ -164,7 +335,7 @@ def image_dataloaders(
     torch.manual_seed(seed)
     dls = block.dataloaders(
         info.root, bs=bs, num_workers=default_workers() if num_workers is None else num_workers,
-        device=device, seed=seed, shuffle=True,
+        device=device, seed=seed, shuffle=True, pin_memory=torch.cuda.is_available(),
     )
     dls.attnzoo_img_size = img_size
     return dls

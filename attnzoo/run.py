@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .errors import AttnzooError
 from .model import AttentionModel, create_model
@@ -71,14 +71,17 @@ class Run:
 
     def load_image(self, image: str | os.PathLike | Image.Image) -> Image.Image:
         if isinstance(image, Image.Image):
-            return image.convert("RGB")
+            from .data import to_rgb
+
+            return to_rgb(image)
         path = Path(image)
         if not path.is_file():
             raise AttnzooError(f"image not found: {path}")
+        from .data import open_rgb
+
         try:
-            with Image.open(path) as im:
-                return ImageOps.exif_transpose(im).convert("RGB")
-        except (OSError, ValueError) as e:
+            return open_rgb(path, self.img_size)  # refuses decompression bombs before decoding
+        except Exception as e:
             raise AttnzooError(f"cannot read image {path}: {e}") from None
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:

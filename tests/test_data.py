@@ -83,7 +83,7 @@ def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
     with pytest.raises(AttnzooError, match="not found"):
         find_dataset(tmp_path / "nope")
     (tmp_path / "empty" / "a").mkdir(parents=True)
-    with pytest.raises(AttnzooError, match="no images"):
+    with pytest.raises(AttnzooError, match="no usable images"):
         find_dataset(tmp_path / "empty")
 
 
@@ -96,3 +96,74 @@ def test_any_image_mode_and_size_becomes_an_rgb_batch(tmp_path):
     xb, yb = dls.train.one_batch()
     assert xb.shape == (8, 3, 24, 24) and torch.isfinite(xb).all()
     assert dls.vocab == ["a", "b"] and dls.c == 2
+
+
+# --- messy folders: every kind in tests/badfiles.py -------------------------------------------------------------
+
+def test_bad_files_are_skipped_with_reasons_and_the_rest_is_kept(tmp_path):
+    from badfiles import make_bad_folder
+
+    usable, skipped = make_bad_folder(tmp_path)
+    info = find_dataset(tmp_path)
+    assert sorted(info.train + info.valid) == sorted(usable)
+    got = {Path(p): reason for p, reason in info.skipped}
+    assert set(got) == set(skipped)
+    for path, fragment in skipped.items():
+        assert fragment in got[path], (path, got[path])
+    assert info.classes == ["cat", "dog", "owl"]
+    assert info.label(tmp_path / "train" / "dog" / "linked.png") == "dog"  # a symlink counts where it is found
+    assert any("'empty' has no images" in w for w in info.warnings)
+    assert any("'owl' has a single training image" in w for w in info.warnings)
+    assert info.to_dict()["skipped"] == len(skipped)
+
+
+def test_without_the_check_bad_image_files_are_not_looked_at(tmp_path):
+    from badfiles import make_bad_folder
+
+    make_bad_folder(tmp_path)
+    info = find_dataset(tmp_path, check=False)
+    assert tmp_path / "train" / "cat" / "zero.jpg" in info.train
+    assert all("not an image" in r or "broken" in r for _, r in info.skipped) or not info.skipped
+
+
+def test_awkward_images_are_read_right(tmp_path):
+    from badfiles import bomb_png, exif_rotated_jpeg, sixteen_bit_png, transparent_palette_png
+
+    from attnzoo.data import open_rgb
+
+    rotated = open_rgb(exif_rotated_jpeg(tmp_path / "r.jpg"))
+    assert rotated.size == (20, 40)  # the EXIF rotation is applied
+    top, bottom = np.asarray(rotated)[:15].mean((0, 1)), np.asarray(rotated)[25:].mean((0, 1))
+    assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0]  # red on top, blue below
+    deep = np.asarray(open_rgb(sixteen_bit_png(tmp_path / "d.png")))[..., 0]
+    assert deep.min() == 0 and deep.max() == 255 and len(np.unique(deep)) > 20  # rescaled, not saturated
+    pal = np.asarray(open_rgb(transparent_palette_png(tmp_path / "p.png")))
+    assert (pal[:, :8] == 255).all() and (pal[:, 8:] == (0, 0, 255)).all()  # transparency flattened onto white
+    with pytest.raises(ValueError, match="decompression-bomb"):
+        open_rgb(bomb_png(tmp_path / "b.png"))
+
+
+def test_a_folder_of_only_bad_files_is_a_clear_error(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "x.jpg").write_bytes(b"")
+    with pytest.raises(AttnzooError, match=r"no usable images .*2 files skipped"):
+        find_dataset(tmp_path)
+
+
+def test_a_random_split_keeps_a_training_image_of_every_class(tmp_path):
+    classes_tree(tmp_path, classes=("many",), n=10)
+    write(tmp_path / "rare" / "0.png")
+    write(tmp_path / "rare" / "1.png")
+    for seed in range(6):
+        info = find_dataset(tmp_path, valid_pct=0.5, seed=seed)
+        assert "rare" in info.counts()["train"] and info.counts()["train"]["rare"] >= 1
+
+
+def test_the_bad_folder_trains_into_batches(tmp_path):
+    from badfiles import make_bad_folder
+
+    make_bad_folder(tmp_path)
+    dls = image_dataloaders(find_dataset(tmp_path), img_size=24, bs=4, num_workers=0)
+    for xb, _ in dls.train:
+        assert xb.shape[1:] == (3, 24, 24) and torch.isfinite(xb).all()
