@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import AttnzooError
+from .errors import AttnzooError, Interrupted, TrainingFailed
 
 app = typer.Typer(
     name="attnzoo",
@@ -25,10 +25,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 _state = {"debug": False}
-
-
-class TrainingFailed(Exception):
-    """A failure inside training (exit code 1), as opposed to a user's mistake (exit code 2)."""
 
 
 def _console(stderr: bool = False) -> Any:
@@ -65,10 +61,13 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Any:
 
 @app.command()
 def fit(
-    backbone: Annotated[str, typer.Option(help="Any timm model name, e.g. resnet18, vgg16_bn, convnext_tiny.")],
-    attn: Annotated[str, typer.Option(help="Attention module (`attnzoo list`), or 'none' for the baseline.")],
-    data: Annotated[str, typer.Option(help="Image folder (train/ + valid/, Intel seg_train/, or class folders), "
-                                           "or 'demo' for the built-in synthetic set.")],
+    backbone: Annotated[str | None, typer.Option(help="Any timm model name, e.g. resnet18, vgg16_bn, "
+                                                      "convnext_tiny. Required unless --resume.")] = None,
+    attn: Annotated[str | None, typer.Option(help="Attention module (`attnzoo list`), or 'none' for the "
+                                                  "baseline. Required unless --resume.")] = None,
+    data: Annotated[str | None, typer.Option(help="Image folder (train/ + valid/, Intel seg_train/, or class "
+                                                  "folders), or 'demo' for the built-in synthetic set. "
+                                                  "Required unless --resume.")] = None,
     at: Annotated[list[str] | None, typer.Option(help="Site(s) from `attnzoo layers BACKBONE`, or feature-level "
                                                       "indices (-2 = the level before the last). Repeatable.")] = None,
     attn_arg: Annotated[list[str] | None, typer.Option(help="Module option KEY=VALUE (see `attnzoo list`). "
@@ -84,23 +83,47 @@ def fit(
     freeze_epochs: Annotated[int, typer.Option(help="Epochs with the pretrained body frozen, before the rest.")] = 1,
     seed: Annotated[int, typer.Option(help="Random seed (data split, init, order).")] = 0,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: 0 on CPU, up to 8 on GPU).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<backbone>-<attn>-<time>).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<backbone>-<attn>-<time>); "
+                                                  "must not exist yet.")] = None,
+    checkpoints: Annotated[bool, typer.Option(help="Keep checkpoints/last and checkpoints/best up to date after "
+                                                   "every epoch (needed for --resume).")] = True,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run folder from its last "
+                                                     "checkpoint, with its own settings.")] = None,
 ) -> None:
-    """Train BACKBONE with attention ATTN on DATA and write a run folder."""
+    """Train BACKBONE with attention ATTN on DATA and write a run folder (or --resume one)."""
+    import click
+
     from .learner import fit as fit_run
 
     console = _console()
     err = _console(stderr=True)
+    if resume is not None:
+        ctx = click.get_current_context()
+        given = [f"--{n.replace('_', '-')}" for n in ctx.params if n not in ("resume", "workers")
+                 and ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise AttnzooError(f"--resume continues a run with its own settings; leave out {', '.join(given)}")
+    else:
+        missing = [f"--{n}" for n, v in (("backbone", backbone), ("attn", attn), ("data", data)) if v is None]
+        if missing:
+            raise AttnzooError(f"fit needs {', '.join(missing)} (or --resume RUN)")
     try:
         lr_value: float | str = "auto" if lr == "auto" else float(lr)
     except ValueError:
         raise AttnzooError(f"--lr takes a number or 'auto', got '{lr}'") from None
 
-    def on_data(info: Any) -> None:
+    def on_data(info: Any, run_dir: Path) -> None:
         counts = info.counts()
         rows = [[c, counts["train"][c], counts["valid"][c]] for c in info.classes]
         rows.append(["[bold]total", len(info.train), len(info.valid)])
         console.print(_table(f"data: {info.root} ({info.layout})", ["class", "train", "valid"], rows))
+        for note in info.warnings:
+            err.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
+        if info.skipped:
+            shown = "; ".join(f"{Path(p).name}: {r}" for p, r in info.skipped[:3])
+            more = f"; and {len(info.skipped) - 3} more" if len(info.skipped) > 3 else ""
+            err.print(f"[yellow]warning:[/] skipped {len(info.skipped)} files that cannot be used ({shown}{more}); "
+                      f"all listed in {run_dir / 'skipped.txt'}", soft_wrap=True)
 
     def on_epoch_table(rows: list[dict[str, float]]) -> None:
         if not rows:
@@ -111,11 +134,13 @@ def fit(
 
     options = _parse_attn_args(attn_arg)
     try:
-        run_dir = fit_run(backbone, attn, data, at=at or None, attn_options=options, epochs=epochs, lr=lr_value,
-                          bs=bs, img_size=img_size, pretrained=pretrained, weights=str(weights) if weights else None,
-                          valid_pct=valid_pct, seed=seed, freeze_epochs=freeze_epochs, out=str(out) if out else None,
-                          num_workers=workers, console=err, on_data=on_data, on_epoch_table=on_epoch_table)
-    except (AttnzooError, KeyboardInterrupt):
+        run_dir = fit_run(backbone, attn, data or "demo", at=at or None, attn_options=options, epochs=epochs,
+                          lr=lr_value, bs=bs, img_size=img_size, pretrained=pretrained,
+                          weights=str(weights) if weights else None, valid_pct=valid_pct, seed=seed,
+                          freeze_epochs=freeze_epochs, out=str(out) if out else None, num_workers=workers,
+                          checkpoints=checkpoints, resume=resume, console=err, on_data=on_data,
+                          on_epoch_table=on_epoch_table)
+    except (AttnzooError, KeyboardInterrupt, Interrupted, TrainingFailed):
         raise
     except Exception as e:
         raise TrainingFailed(f"training failed: {type(e).__name__}: {e}") from e
@@ -347,6 +372,31 @@ def compare(
     console.print(f"[green]chart:[/] {written}")
 
 
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Check the environment: versions, torchvision's compiled ops, GPU, plugins; a fix for each problem.
+    Exits 1 when a check fails."""
+    from rich.markup import escape
+
+    from .doctor import FAIL, run_checks
+
+    checks = run_checks()
+    if as_json:
+        print(json.dumps([c.to_dict() for c in checks], indent=2))
+    else:
+        colors = {"ok": "green", "warn": "yellow", "fail": "red"}
+        rows = [[escape(c.name), f"[{colors[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix)]
+                for c in checks]
+        _console().print(_table("attnzoo doctor", ["check", "status", "detail", "fix"], rows))
+        bad = [c for c in checks if c.status != "ok"]
+        _console().print("[green]all checks passed[/]" if not bad else
+                         f"{len(bad)} problem(s): see the fix column")
+    if any(c.status == FAIL for c in checks):
+        raise typer.Exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning errors into one line and an exit code."""
     import warnings
@@ -372,6 +422,9 @@ def main(argv: list[str] | None = None) -> None:
         err, code = str(e), 2
     except TrainingFailed as e:
         err, code = str(e), 1
+    except Interrupted as e:
+        _console(stderr=True).print(f"[yellow]interrupted:[/] {e}", soft_wrap=True)
+        sys.exit(128 + e.signum)
     if _state["debug"]:
         import traceback
 

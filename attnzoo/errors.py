@@ -34,3 +34,15 @@ class SiteError(AttnzooError):
 
 class PretrainedUnavailable(AttnzooError):
     """Pretrained weights that cannot be fetched (offline, or none published)."""
+
+
+class TrainingFailed(Exception):
+    """A failure inside training (the CLI exits 1), as opposed to a user's mistake (exit 2)."""
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after saving; ``str()`` says how to resume. The CLI exits 128 + signum."""
+
+    def __init__(self, message: str, signum: int, run_dir: object = None):
+        super().__init__(message)
+        self.signum, self.run_dir = signum, run_dir

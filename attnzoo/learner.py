@@ -7,6 +7,11 @@ pretrained body stays fixed; fastai's default splitter would freeze the attentio
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +23,10 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam
 
-from .errors import AttnzooError
+from .errors import AttnzooError, Interrupted, TrainingFailed
 from .model import AttentionModel, create_model
+
+log = logging.getLogger("attnzoo")
 
 
 def attention_splitter(model: AttentionModel) -> list[list[torch.nn.Parameter]]:
@@ -114,8 +121,14 @@ class History(Callback):
 
     def before_epoch(self) -> None:
         self._start = time.perf_counter()
+        self._skipped = False
+
+    def after_cancel_epoch(self) -> None:
+        self._skipped = True  # an epoch fastai's SkipToEpoch passes over on resume, or a cancelled one
 
     def after_epoch(self) -> None:
+        if self._skipped:
+            return
         names = [n for n in self.recorder.metric_names[1:-1]]
         values = self.recorder.values[-1] if self.recorder.values else []
         row = {"epoch": len(self.rows) + 1}
@@ -158,7 +171,15 @@ class RichProgress(Callback):
         info = f"loss {self.smooth_loss.item():.3f}" if self.training else ""
         self.progress.update(self.batch_task, advance=1, info=info)
 
+    def before_epoch(self) -> None:
+        self._skipped = False
+
+    def after_cancel_epoch(self) -> None:
+        self._skipped = True
+
     def after_epoch(self) -> None:
+        if self._skipped:
+            return
         self.done += 1
         self.progress.update(self.epoch_task, completed=self.done)
         hist = next((c for c in self.learn.cbs if isinstance(c, History)), None)
@@ -172,7 +193,7 @@ class RichProgress(Callback):
 
 
 def fit(
-    backbone: str,
+    backbone: str | None = None,
     attn: str | None = None,
     data: str = "demo",
     *,
@@ -190,24 +211,85 @@ def fit(
     out: str | None = None,
     runs_dir: str = "runs",
     num_workers: int | None = None,
+    checkpoints: bool = True,
+    resume: str | os.PathLike | None = None,
     console: Any = None,
     on_data: Any = None,
     on_epoch_table: Any = None,
 ) -> Path:
     """Train and write a run folder; what ``attnzoo fit`` does. Returns the run folder.
 
-    ``lr="auto"`` runs fastai's ``lr_find``. ``on_data(info)`` is called with the dataset summary
+    ``lr="auto"`` runs fastai's ``lr_find``. ``on_data(info, run_dir)`` is called with the dataset summary
     before training; ``on_epoch_table(rows)`` with the per-epoch rows after it.
+
+    The run folder is created before training starts (``attnzoo.json`` with ``status: training``);
+    ``checkpoints`` keeps ``checkpoints/last`` and ``checkpoints/best`` up to date after every epoch.
+    ``resume=RUN`` continues an interrupted run from its last checkpoint with the run's own settings
+    (every other argument but ``num_workers`` is then ignored) and reaches the result the uninterrupted
+    run would have. SIGINT/SIGTERM stop after the current batch, save, and raise ``Interrupted``; a
+    NaN/inf loss stops training and raises ``TrainingFailed`` naming the epoch and batch.
     """
+    from .run import CONFIG
+
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / CONFIG).is_file():
+            raise AttnzooError(f"--resume needs a run folder (with {CONFIG}): {run_dir}")
+        config = json.loads((run_dir / CONFIG).read_text())
+        if config.get("status") == "done":
+            raise AttnzooError(f"{run_dir} already finished training; nothing to resume")
+        try:
+            s = dict(config["request"])
+        except KeyError:
+            raise AttnzooError(f"{run_dir} was written by an attnzoo without resume support") from None
+        return _fit(**{**s, "num_workers": num_workers if num_workers is not None else s.get("num_workers")},
+                    run_dir=run_dir, resume=True, console=console, on_data=on_data, on_epoch_table=on_epoch_table)
+    if backbone is None:
+        raise AttnzooError("fit needs a backbone (or resume=RUN)")
+    return _fit(backbone=backbone, attn=attn, data=data, at=at, attn_options=attn_options, epochs=epochs, lr=lr,
+                bs=bs, img_size=img_size, pretrained=pretrained, weights=weights, valid_pct=valid_pct, seed=seed,
+                freeze_epochs=freeze_epochs, checkpoints=checkpoints, num_workers=num_workers,
+                run_dir=_new_run_dir(backbone, attn, out, runs_dir), resume=False, console=console,
+                on_data=on_data, on_epoch_table=on_epoch_table)
+
+
+def _new_run_dir(backbone: str, attn: str | None, out: str | None, runs_dir: str) -> Path:
+    if out is not None:
+        path = Path(out)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise AttnzooError(f"--out {path} already exists and is not empty; choose another folder "
+                               f"(or continue that run with --resume {path})")
+        return path
+    label = (attn or "none").replace(":", "_")  # a qualified plugin name (dist:name) must not put ':' in a path
+    base = Path(runs_dir) / f"{backbone}-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def _phases(pretrained: bool, epochs: int, freeze_epochs: int, lr: float) -> list[tuple[bool, int, Any]]:
+    """(frozen, epochs, lr) per ``fit_one_cycle``: like ``fine_tune`` when pretrained."""
+    if pretrained and freeze_epochs > 0:
+        return [(True, freeze_epochs, lr), (False, epochs, slice(lr / 100, lr / 2))]
+    return [(False, epochs, lr)]
+
+
+def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: dict[str, Any] | None, epochs: int,
+         lr: float | str | None, bs: int, img_size: int | None, pretrained: bool, weights: str | None,
+         valid_pct: float, seed: int, freeze_epochs: int, checkpoints: bool, num_workers: int | None,
+         run_dir: Path, resume: bool, console: Any, on_data: Any, on_epoch_table: Any) -> Path:
     import timm
     from fastai.callback.progress import ProgressCallback
     from fastai.torch_core import set_seed
 
+    from . import checkpoint as ck
     from . import interpret
     from .data import find_dataset, image_dataloaders, resolve_data
     from .model import _introspect, check_backbone, default_img_size, resolve_sites
     from .registry import get_attention, parse_options
-    from .run import Run, save_run
+    from .run import WEIGHTS, Run, save_run, write_config
 
     # everything a user can get wrong is checked before any data is touched
     check_backbone(backbone)
@@ -218,48 +300,135 @@ def fit(
     if data == "demo" and img_size is None:
         img_size = 64
     img_size = img_size or default_img_size(backbone)
-    sites = resolve_sites(_introspect(backbone, img_size), at, get_attention(attn).kind) if attn else []
-    for name, value, low in (("epochs", epochs, 1), ("bs", bs, 1), ("img_size", img_size, 16)):
+    for name, value, low in (("epochs", epochs, 1), ("bs", bs, 1), ("img_size", img_size, 16),
+                             ("freeze_epochs", freeze_epochs, 0)):
         if value < low:
             raise AttnzooError(f"{name} must be at least {low}, got {value}")
+    sites = resolve_sites(_introspect(backbone, img_size), at, get_attention(attn).kind) if attn else []
     if not 0 < valid_pct < 1:
         raise AttnzooError(f"valid_pct must be between 0 and 1, got {valid_pct}")
-    if isinstance(lr, (int, float)) and not lr > 0:
-        raise AttnzooError(f"lr must be positive, got {lr}")
+    if isinstance(lr, (int, float)) and not (lr > 0 and math.isfinite(lr)):
+        raise AttnzooError(f"lr must be a positive number, got {lr}")
     if weights is not None and not Path(weights).is_file():
         raise AttnzooError(f"weights file not found: {weights}")
+    if num_workers is not None and num_workers < 0:
+        raise AttnzooError(f"workers must be 0 or more, got {num_workers}")
+    state: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    if resume:
+        tensors, state = ck.read_checkpoint(run_dir / ck.LAST)
 
     set_seed(seed, reproducible=True)
     info = find_dataset(resolve_data(data, seed), valid_pct=valid_pct, seed=seed)
+    config: dict[str, Any] = json.loads((run_dir / "attnzoo.json").read_text()) if resume else {}
+    if resume and info.counts() != config["data"]["counts"]:
+        raise AttnzooError(f"the data in {info.root} changed since {run_dir} started "
+                           f"({config['data']['counts']} then, {info.counts()} now); cannot resume it exactly")
     if on_data is not None:
-        on_data(info)
+        on_data(info, run_dir)
+    if info.skipped and not resume:
+        log.warning("skipped %d files that cannot be used; the list is in %s", len(info.skipped),
+                    run_dir / "skipped.txt")
     cfg = timm.models.get_pretrained_cfg(backbone)
     mean, std = tuple(cfg.mean), tuple(cfg.std)
     dls = image_dataloaders(info, img_size=img_size, bs=bs, mean=mean, std=std, seed=seed, num_workers=num_workers)
     history = History()
-    learn = attention_learner(dls, backbone, attn, sites or None, pretrained=pretrained and weights is None,
-                              pretrained_file=weights, cbs=[history], **options)
+    use_pretrained = (pretrained and weights is None) and not resume
+    learn = attention_learner(dls, backbone, attn, sites or None, pretrained=use_pretrained,
+                              pretrained_file=None if resume else weights, cbs=[history], **options)
+    learn.attnzoo["pretrained"] = bool(pretrained or weights)
+    learn.path = run_dir  # fastai's own scratch files (lr_find) go to the run folder, never the data folder
     learn.remove_cb(ProgressCallback)
     learn.logger = lambda *_: None
     if lr == "auto":
         lr = suggest_lr(learn)
-    total = epochs + (freeze_epochs if learn.attnzoo["pretrained"] else 0)
+    lr = float(lr or 1e-3)
+
+    request = dict(backbone=backbone, attn=attn, data=data, at=sites or None, attn_options=options, epochs=epochs,
+                   lr=lr, bs=bs, img_size=img_size, pretrained=pretrained, weights=weights, valid_pct=valid_pct,
+                   seed=seed, freeze_epochs=freeze_epochs, checkpoints=checkpoints, num_workers=num_workers)
+    if not resume:
+        config = dict(
+            status="training", backbone=backbone, attn=attn or "none", attn_options=options,
+            sites=learn.model.sites, classes=list(info.classes), img_size=img_size, mean=list(mean), std=list(std),
+            seed=seed, pretrained=learn.attnzoo["pretrained"], weights=str(weights) if weights else None,
+            data=info.to_dict(), train=dict(epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs),
+            skipped=[dict(path=p, reason=r) for p, r in info.skipped], warnings=info.warnings, request=request,
+        )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if info.skipped:
+            from .run import _atomic_write
+
+            lines = "".join(f"{p}\t{r}\n" for p, r in info.skipped)
+            _atomic_write(run_dir / "skipped.txt", lambda tmp: tmp.write_text("path\treason\n" + lines))
+        write_config(run_dir, config)
+
+    phases = _phases(learn.attnzoo["pretrained"], epochs, freeze_epochs, lr)
+    done = int(state.get("epoch", 0))
+    best = state.get("best") or {}
+    if resume:
+        ck.load_model_tensors(learn.model, tensors)
+        learn.create_opt()
+        ck.load_optimizer(learn.opt, tensors, state["optimizer"], next(learn.model.parameters()).device)
+        history.rows = [dict(r) for r in state.get("history", [])]
+    total = sum(n for _, n, _ in phases)
     progress = RichProgress(console, total_epochs=total)
-    with learn.added_cbs(progress):
-        train(learn, epochs, float(lr) if lr else 1e-3, freeze_epochs)
+    progress.done = done
+    stop = ck.StopOnSignal().install()
+    offset = 0
+    failure: tuple[int, int] | None = None
+    try:
+        for frozen, n, phase_lr in phases:
+            if done >= offset + n:
+                offset += n
+                continue
+            learn.freeze() if frozen else learn.unfreeze()
+            guard = ck.NanGuard(epoch_offset=offset)
+            saver = ck.Checkpoints(run_dir, history, epoch_offset=offset, best=best)
+            saver.enabled = checkpoints
+            cbs = [progress, stop, guard, saver]
+            start = max(0, done - offset)
+            if resume and state:
+                ck.set_rng_state(learn, state["rng"])
+                if start > 0:  # within a phase fastai's smoothed loss runs on; a new phase starts it afresh
+                    cbs.append(ck.RestoreSmoothLoss(*state["smooth_loss"]))
+                state = {}
+            with learn.added_cbs(cbs):
+                learn.fit_one_cycle(n, phase_lr, start_epoch=start)
+            best = saver.best
+            if guard.failure or stop.signum is not None:
+                failure = guard.failure
+                break
+            offset += n
+    except BaseException as e:
+        stop.uninstall()
+        write_config(run_dir, {**config, "status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                               "metrics": {"per_epoch": history.rows}, "error": f"{type(e).__name__}: {e}"})
+        raise
+    stop.uninstall()
     if on_epoch_table is not None:
         on_epoch_table(history.rows)
 
-    label = (attn or "none").replace(":", "_")  # a qualified plugin name (dist:name) must not put ':' in a path
-    name = out or str(Path(runs_dir) / f"{backbone}-{label}-{time.strftime('%Y%m%d-%H%M%S')}")
-    config = dict(
-        backbone=backbone, attn=attn or "none", attn_options=options, sites=learn.model.sites,
-        classes=list(info.classes), img_size=img_size, mean=list(mean), std=list(std), seed=seed,
-        pretrained=learn.attnzoo["pretrained"], weights=str(weights) if weights else None,
-        data=info.to_dict(), train=dict(epochs=epochs, freeze_epochs=freeze_epochs, lr=float(lr or 1e-3), bs=bs),
-        skipped=[],
-    )
-    run_dir = save_run(name, learn.model, config, history.rows)
+    epochs_done = len(history.rows)
+    if failure is not None:
+        write_config(run_dir, {**config, "status": "failed", "best": best,
+                               "metrics": {"per_epoch": history.rows}, "error": f"NaN/inf loss at {failure}"})
+        kept = f"; the last good checkpoint (epoch {epochs_done}) is {run_dir / ck.LAST}" if epochs_done else ""
+        raise TrainingFailed(f"the training loss became NaN/inf at epoch {failure[0]}, batch {failure[1]}: "
+                             f"training stopped{kept}. Try a lower --lr.")
+    if stop.signum is not None:
+        save_run(run_dir, learn.model, {**config, "status": "interrupted", "best": best}, history.rows)
+        name = signal.Signals(stop.signum).name
+        if epochs_done and checkpoints:
+            how = (f"resume with: attnzoo fit --resume {run_dir} (continues after epoch {epochs_done}; "
+                   f"{WEIGHTS} holds the weights at the interruption)")
+        else:
+            how = "no epoch had finished, so there is nothing to resume: start the run again"
+        raise Interrupted(f"{name}: training stopped and saved in {run_dir}; {how}", stop.signum, run_dir)
+
+    config = {**config, "status": "done", "best": best}
+    save_run(run_dir, learn.model, config, history.rows)
+    (run_dir / ck.LAST).unlink(missing_ok=True)  # the finished model is model.safetensors; best stays
     run = Run(learn.model, list(info.classes), img_size, mean, std, config, run_dir)
     interpret.fit_plots(learn, run, run_dir, history.rows)
     return run_dir

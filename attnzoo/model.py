@@ -20,6 +20,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -317,12 +318,7 @@ def _build_backbone(backbone: str, num_classes: int, pretrained: bool, pretraine
                     **timm_kwargs: Any) -> nn.Module:
     kwargs: dict[str, Any] = dict(num_classes=num_classes, **timm_kwargs)
     if pretrained_file is not None:
-        from pathlib import Path
-
-        path = Path(pretrained_file)
-        if not path.is_file():
-            raise AttnzooError(f"weights file not found: {path}")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+        kwargs["pretrained_cfg_overlay"] = dict(state_dict=load_weights_file(Path(pretrained_file)))
         pretrained = True
     try:
         return _timm_model(backbone, pretrained=pretrained, **kwargs)
@@ -341,6 +337,49 @@ def _build_backbone(backbone: str, num_classes: int, pretrained: bool, pretraine
         if pretrained_file is not None:
             raise AttnzooError(f"cannot load weights file {pretrained_file}: {type(e).__name__}: {e}") from e
         raise
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local file, never running code from it: safetensors, or a torch file read with
+    ``torch.load(weights_only=True)``; a file that needs full unpickling is refused with an explanation.
+    Checkpoints that wrap the weights (``state_dict``, ``model``, ``module.`` prefixes) are unwrapped."""
+    if not path.is_file():
+        raise AttnzooError(f"weights file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in WEIGHT_SUFFIXES:
+        raise AttnzooError(f"weights file {path} must be one of {', '.join(WEIGHT_SUFFIXES)}, got '{suffix}'")
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise AttnzooError(f"{path} is not a readable safetensors file: {type(e).__name__}: {e}") from None
+    import pickle
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), "")
+        raise AttnzooError(
+            f"{path} is not a plain weights file: loading it needs full unpickling, which can run any code the "
+            f"file contains, so attnzoo refuses it{f' ({detail})' if detail else ''}. If you trust the file, "
+            f"convert it once: python -c \"import torch; from safetensors.torch import save_file; "
+            f"save_file(torch.load('{path}', weights_only=False), 'weights.safetensors')\""
+        ) from None
+    except Exception as e:
+        raise AttnzooError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
+    for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise AttnzooError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def _offline_message(backbone: str, e: Exception) -> str:

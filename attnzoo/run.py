@@ -120,8 +120,8 @@ def save_run(path: str | os.PathLike, model: AttentionModel, config: dict[str, A
 
     path = Path(path)
     history = list(history)
-    config = {"format": FORMAT_VERSION, **config, "versions": versions()}
-    config.setdefault("metrics", {})
+    config = dict(config)
+    config["metrics"] = dict(config.get("metrics") or {})
     config["metrics"]["per_epoch"] = history
     if history:
         config["metrics"]["final"] = {k: v for k, v in history[-1].items() if k not in ("epoch", "time")}
@@ -135,8 +135,14 @@ def save_run(path: str | os.PathLike, model: AttentionModel, config: dict[str, A
                 w.writerows(history)
 
         _atomic_write(path / "history.csv", write_csv)
-    _atomic_write(path / CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2, default=str)))
+    write_config(path, config)
     return path
+
+
+def write_config(path: str | os.PathLike, config: dict[str, Any]) -> None:
+    """(Re)write ``attnzoo.json`` atomically, with the format version and package versions."""
+    config = {"format": FORMAT_VERSION, **config, "versions": versions()}
+    _atomic_write(Path(path) / CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2, default=str)))
 
 
 def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
@@ -159,8 +165,13 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run
         raise AttnzooError(f"{cfg_path} lacks {e}") from None
     weights = path / WEIGHTS
     if not weights.is_file():
-        raise AttnzooError(f"run folder has no weights ({WEIGHTS}): {path}")
-    missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+        status = config.get("status")
+        why = f" (status: {status})" if status and status != "done" else ""
+        raise AttnzooError(f"run folder has no weights ({WEIGHTS}){why}: {path}")
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+    except Exception as e:  # not a safetensors file (it is never unpickled), or a damaged one
+        raise AttnzooError(f"{weights} is not a readable safetensors file: {type(e).__name__}: {e}") from None
     if missing or unexpected:
         raise AttnzooError(f"{weights} does not fit the model in {CONFIG}: "
                            f"{len(missing)} missing, {len(unexpected)} unexpected tensors")
@@ -172,7 +183,7 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run
 def latest_run(root: str | os.PathLike = "runs") -> Path:
     """The newest run folder under ``root``."""
     root = Path(root)
-    runs = [p.parent for p in root.glob(f"*/{CONFIG}")] if root.is_dir() else []
+    runs = [p.parent for p in root.glob(f"*/{CONFIG}") if (p.parent / WEIGHTS).is_file()] if root.is_dir() else []
     if not runs:
         raise AttnzooError(f"no run folder under {root}/ (train one with `attnzoo fit`, or pass --run DIR)")
     return max(runs, key=lambda p: (p / CONFIG).stat().st_mtime)
