@@ -61,6 +61,7 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Any:
 
 @app.command()
 def fit(
+    ctx: typer.Context,
     backbone: Annotated[str | None, typer.Option(help="Any timm model name, e.g. resnet18, vgg16_bn, "
                                                       "convnext_tiny. Required unless --resume.")] = None,
     attn: Annotated[str | None, typer.Option(help="Attention module (`attnzoo list`), or 'none' for the "
@@ -74,7 +75,7 @@ def fit(
                                                             "Repeatable.")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs (after the frozen ones when pretrained).")] = 5,
     lr: Annotated[str, typer.Option(help="Learning rate, or 'auto' for fastai's lr_find.")] = "1e-3",
-    bs: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    bs: Annotated[int, typer.Option(help="Batch size, per process under torchrun / accelerate launch.")] = 32,
     img_size: Annotated[int | None, typer.Option(help="Images are resized to this (default: the backbone's; "
                                                       "64 for demo).")] = None,
     pretrained: Annotated[bool, typer.Option(help="Start from timm's pretrained weights.")] = True,
@@ -89,18 +90,18 @@ def fit(
                                                    "every epoch (needed for --resume).")] = True,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run folder from its last "
                                                      "checkpoint, with its own settings.")] = None,
+    sync_bn: Annotated[bool, typer.Option("--sync-bn", help="Under torchrun / accelerate launch on GPUs: batch "
+                                                             "norm statistics over all processes.")] = False,
 ) -> None:
     """Train BACKBONE with attention ATTN on DATA and write a run folder (or --resume one)."""
-    import click
-
+    from .distributed import is_main
     from .learner import fit as fit_run
 
     console = _console()
     err = _console(stderr=True)
     if resume is not None:
-        ctx = click.get_current_context()
         given = [f"--{n.replace('_', '-')}" for n in ctx.params if n not in ("resume", "workers")
-                 and ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+                 and getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"]
         if given:
             raise AttnzooError(f"--resume continues a run with its own settings; leave out {', '.join(given)}")
     else:
@@ -138,14 +139,15 @@ def fit(
                           lr=lr_value, bs=bs, img_size=img_size, pretrained=pretrained,
                           weights=str(weights) if weights else None, valid_pct=valid_pct, seed=seed,
                           freeze_epochs=freeze_epochs, out=str(out) if out else None, num_workers=workers,
-                          checkpoints=checkpoints, resume=resume, console=err, on_data=on_data,
+                          checkpoints=checkpoints, resume=resume, sync_bn=sync_bn, console=err, on_data=on_data,
                           on_epoch_table=on_epoch_table)
     except (AttnzooError, KeyboardInterrupt, Interrupted, TrainingFailed):
         raise
     except Exception as e:
         raise TrainingFailed(f"training failed: {type(e).__name__}: {e}") from e
-    console.print(f"[green]run folder:[/] {run_dir}")
-    console.print(f"next: attnzoo show-attention IMAGE --run {run_dir}")
+    if is_main():  # under torchrun / accelerate launch, rank 0 reports
+        console.print(f"[green]run folder:[/] {run_dir}")
+        console.print(f"next: attnzoo show-attention IMAGE --run {run_dir}")
 
 
 def _predict(images: list[Path], run: Path | None, top: int) -> tuple[Any, list, dict]:

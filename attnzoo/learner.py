@@ -23,6 +23,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam
 
+from . import distributed
 from .errors import AttnzooError, Interrupted, TrainingFailed
 from .model import AttentionModel, create_model
 
@@ -213,6 +214,7 @@ def fit(
     num_workers: int | None = None,
     checkpoints: bool = True,
     resume: str | os.PathLike | None = None,
+    sync_bn: bool = False,
     console: Any = None,
     on_data: Any = None,
     on_epoch_table: Any = None,
@@ -228,9 +230,13 @@ def fit(
     (every other argument but ``num_workers`` is then ignored) and reaches the result the uninterrupted
     run would have. SIGINT/SIGTERM stop after the current batch, save, and raise ``Interrupted``; a
     NaN/inf loss stops training and raises ``TrainingFailed`` naming the epoch and batch.
+
+    Under ``torchrun`` / ``accelerate launch`` every process trains on its shard of the data (``bs`` is per
+    process) and rank 0 alone reports and writes the run folder; ``sync_bn`` syncs batch norm (CUDA only).
     """
     from .run import CONFIG
 
+    distributed.setup()  # first: pins this process's GPU before anything lands on one
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / CONFIG).is_file():
@@ -248,9 +254,9 @@ def fit(
         raise AttnzooError("fit needs a backbone (or resume=RUN)")
     return _fit(backbone=backbone, attn=attn, data=data, at=at, attn_options=attn_options, epochs=epochs, lr=lr,
                 bs=bs, img_size=img_size, pretrained=pretrained, weights=weights, valid_pct=valid_pct, seed=seed,
-                freeze_epochs=freeze_epochs, checkpoints=checkpoints, num_workers=num_workers,
-                run_dir=_new_run_dir(backbone, attn, out, runs_dir), resume=False, console=console,
-                on_data=on_data, on_epoch_table=on_epoch_table)
+                freeze_epochs=freeze_epochs, checkpoints=checkpoints, num_workers=num_workers, sync_bn=sync_bn,
+                run_dir=distributed.broadcast(_new_run_dir(backbone, attn, out, runs_dir)),  # rank 0's name
+                resume=False, console=console, on_data=on_data, on_epoch_table=on_epoch_table)
 
 
 def _new_run_dir(backbone: str, attn: str | None, out: str | None, runs_dir: str) -> Path:
@@ -279,7 +285,7 @@ def _phases(pretrained: bool, epochs: int, freeze_epochs: int, lr: float) -> lis
 def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: dict[str, Any] | None, epochs: int,
          lr: float | str | None, bs: int, img_size: int | None, pretrained: bool, weights: str | None,
          valid_pct: float, seed: int, freeze_epochs: int, checkpoints: bool, num_workers: int | None,
-         run_dir: Path, resume: bool, console: Any, on_data: Any, on_epoch_table: Any) -> Path:
+         run_dir: Path, resume: bool, console: Any, on_data: Any, on_epoch_table: Any, sync_bn: bool = False) -> Path:
     import timm
     from fastai.callback.progress import ProgressCallback
     from fastai.torch_core import set_seed
@@ -313,6 +319,8 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
         raise AttnzooError(f"weights file not found: {weights}")
     if num_workers is not None and num_workers < 0:
         raise AttnzooError(f"workers must be 0 or more, got {num_workers}")
+    if not distributed.is_main():  # the other processes of a launch train quietly
+        console, on_data, on_epoch_table = distributed.quiet_console(), None, None
     state: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
     if resume:
@@ -326,7 +334,7 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
                            f"({config['data']['counts']} then, {info.counts()} now); cannot resume it exactly")
     if on_data is not None:
         on_data(info, run_dir)
-    if info.skipped and not resume:
+    if info.skipped and not resume and distributed.is_main():
         log.warning("skipped %d files that cannot be used; the list is in %s", len(info.skipped),
                     run_dir / "skipped.txt")
     cfg = timm.models.get_pretrained_cfg(backbone)
@@ -340,13 +348,16 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
     learn.path = run_dir  # fastai's own scratch files (lr_find) go to the run folder, never the data folder
     learn.remove_cb(ProgressCallback)
     learn.logger = lambda *_: None
+    training = distributed.Training(learn, sync_bn=sync_bn)  # fits inside it run in every process of a launch
     if lr == "auto":
-        lr = suggest_lr(learn)
+        with training:
+            lr = suggest_lr(learn)
     lr = float(lr or 1e-3)
 
     request = dict(backbone=backbone, attn=attn, data=data, at=sites or None, attn_options=options, epochs=epochs,
                    lr=lr, bs=bs, img_size=img_size, pretrained=pretrained, weights=weights, valid_pct=valid_pct,
-                   seed=seed, freeze_epochs=freeze_epochs, checkpoints=checkpoints, num_workers=num_workers)
+                   seed=seed, freeze_epochs=freeze_epochs, checkpoints=checkpoints, num_workers=num_workers,
+                   sync_bn=sync_bn)
     if not resume:
         config = dict(
             status="training", backbone=backbone, attn=attn or "none", attn_options=options,
@@ -355,6 +366,7 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
             data=info.to_dict(), train=dict(epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs),
             skipped=[dict(path=p, reason=r) for p, r in info.skipped], warnings=info.warnings, request=request,
         )
+    if not resume and distributed.is_main():  # rank 0 writes the run folder
         run_dir.mkdir(parents=True, exist_ok=True)
         if info.skipped:
             from .run import _atomic_write
@@ -368,8 +380,6 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
     best = state.get("best") or {}
     if resume:
         ck.load_model_tensors(learn.model, tensors)
-        learn.create_opt()
-        ck.load_optimizer(learn.opt, tensors, state["optimizer"], next(learn.model.parameters()).device)
         history.rows = [dict(r) for r in state.get("history", [])]
     total = sum(n for _, n, _ in phases)
     progress = RichProgress(console, total_epochs=total)
@@ -382,18 +392,19 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
             if done >= offset + n:
                 offset += n
                 continue
-            learn.freeze() if frozen else learn.unfreeze()
+            learn.freeze() if frozen else learn.unfreeze()  # fastai clears the optimiser state here
             guard = ck.NanGuard(epoch_offset=offset)
             saver = ck.Checkpoints(run_dir, history, epoch_offset=offset, best=best)
-            saver.enabled = checkpoints
+            saver.enabled = checkpoints and distributed.is_main()
             cbs = [progress, stop, guard, saver]
             start = max(0, done - offset)
             if resume and state:
-                ck.set_rng_state(learn, state["rng"])
-                if start > 0:  # within a phase fastai's smoothed loss runs on; a new phase starts it afresh
+                if start > 0:  # mid-phase: the optimiser state and fastai's smoothed loss carry on
+                    ck.load_optimizer(learn.opt, tensors, state["optimizer"], next(learn.model.parameters()).device)
                     cbs.append(ck.RestoreSmoothLoss(*state["smooth_loss"]))
-                state = {}
-            with learn.added_cbs(cbs):
+                ck.set_rng_state(learn, state["rng"])
+                state, tensors = {}, {}
+            with learn.added_cbs(cbs), training:
                 learn.fit_one_cycle(n, phase_lr, start_epoch=start)
             best = saver.best
             if guard.failure or stop.signum is not None:
@@ -426,9 +437,12 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
             how = "no epoch had finished, so there is nothing to resume: start the run again"
         raise Interrupted(f"{name}: training stopped and saved in {run_dir}; {how}", stop.signum, run_dir)
 
-    config = {**config, "status": "done", "best": best}
-    save_run(run_dir, learn.model, config, history.rows)
-    (run_dir / ck.LAST).unlink(missing_ok=True)  # the finished model is model.safetensors; best stays
-    run = Run(learn.model, list(info.classes), img_size, mean, std, config, run_dir)
-    interpret.fit_plots(learn, run, run_dir, history.rows)
+    config = {**config, "status": "done", "best": best, "distributed": training.summary()}
+    if distributed.is_main():
+        with distributed.alone():  # fastai must not gather now: rank 0 finishes the run folder by itself
+            save_run(run_dir, learn.model, config, history.rows)
+            (run_dir / ck.LAST).unlink(missing_ok=True)  # the finished model is model.safetensors; best stays
+            run = Run(learn.model, list(info.classes), img_size, mean, std, config, run_dir)
+            interpret.fit_plots(learn, run, run_dir, history.rows)
+    distributed.barrier()  # every process returns once the run folder is complete
     return run_dir
