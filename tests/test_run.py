@@ -59,3 +59,22 @@ def test_missing_runs_and_weights_are_clear_errors(tmp_path):
     (tmp_path / "r" / "model.safetensors").unlink()
     with pytest.raises(AttnzooError, match="no weights"):
         load_run(tmp_path / "r")
+
+
+def test_a_crash_while_saving_leaves_the_previous_model_whole(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    make_run(tmp_path / "r")
+    before = (tmp_path / "r" / "model.safetensors").read_bytes()
+
+    def crash(model, filename, *args, **kwargs):
+        with open(filename, "wb") as f:
+            f.write(b"half a model")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", crash)
+    with pytest.raises(OSError, match="disk full"):
+        make_run(tmp_path / "r")
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == before
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]
+    load_run(tmp_path / "r")  # still loads
