@@ -256,3 +256,41 @@ def test_doctor_sees_a_fastai_that_does_not_accept_the_installed_torch(monkeypat
     monkeypatch.setattr(doctor, "requires", lambda dist: ["torch<2.0,>=1.10"])
     check = doctor.check_requirement("fastai", "torch")
     assert check.status == "fail" and "needs torch<2.0,>=1.10" in check.detail and check.fix
+
+
+@register_attention("test-sigint-after", kind="gate", summary="test only: sends SIGINT at the 8th training forward")
+class SigintAfter(nn.Module):
+    calls = 0
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.device.type != "meta":
+            SigintAfter.calls += 1
+            if SigintAfter.calls == 8:
+                os.kill(os.getpid(), signal.SIGINT)
+        return x * self.scale
+
+
+def test_ctrl_c_ends_the_batch_saves_and_says_how_to_resume(data16, tmp_path):
+    from attnzoo.errors import Interrupted
+
+    SigintAfter.calls = 0
+    run = tmp_path / "run"
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Interrupted, match=f"SIGINT: .*attnzoo fit --resume {run} \\(continues after epoch 1") as e:
+        fit(backbone="test_resnet", attn="test-sigint-after", data=str(data16), pretrained=False, bs=8, img_size=32,
+            epochs=3, out=str(run))
+    assert e.value.signum == signal.SIGINT and signal.getsignal(signal.SIGINT) is before  # handler given back
+    config = json.loads((run / "attnzoo.json").read_text())
+    assert config["status"] == "interrupted" and len(config["metrics"]["per_epoch"]) == 1
+    assert (run / "model.safetensors").is_file() and (run / "checkpoints" / "last.safetensors").is_file()
+
+
+def test_an_unreadable_image_for_show_attention_is_one_line(reference, tmp_path, capsys):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    code, _, err = run_cli(capsys, "show-attention", str(tmp_path / "empty.jpg"), "--run", str(reference),
+                           "--out", str(tmp_path))
+    assert code == 2 and "cannot read image" in err and "Traceback" not in err
