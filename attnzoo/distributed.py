@@ -1,0 +1,324 @@
+"""Several processes, one run: ``fit`` under ``torchrun`` or ``accelerate launch``.
+
+A launcher starts one process per GPU (or several on CPU) and tells each who it is through the environment
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). Neither launcher creates the process
+group, so :func:`setup` does: nccl on CUDA with one GPU per local rank, gloo on CPU. Training goes through fastai's
+``DistributedTrainer`` (DistributedDataParallel through accelerate; each process gets its shard of every
+loader), with fixes where fastai's version falls short:
+
+- the broadcast of the shuffled order also works on gloo (fastai puts the indices on CUDA);
+- a shard's ``len`` is the number of batches it yields (fastai rounds the whole loader's count, which with
+  ``drop_last`` can promise a batch that never comes, so the one-cycle schedule never reaches its end);
+- validation loss and metrics are computed once over every rank's predictions, padding dropped (fastai
+  averages per-batch values, and the items that pad the last shard count twice);
+- ``sync_bn`` swaps batch norm for ``SyncBatchNorm`` during a fit only.
+
+fastai's ``lr_find`` cannot run distributed (it saves its snapshot on rank 0 only, then waits at a barrier
+only rank 0 reaches): each process runs it :func:`alone` and :func:`broadcast` hands rank 0's pick to all.
+
+Only rank 0 prints and writes the run folder; the others return it once rank 0 is done. Without a launcher (or
+with one process) nothing here changes a run.
+
+Use: :func:`setup` first (it pins the GPU, before any data lands on one), then ``with Training(learn):`` around
+each fit; :func:`is_main` guards printing and writing, :func:`alone` lets rank 0 use fastai by itself afterwards.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .errors import AttnzooError
+
+_state = {"owned": False}  # whether setup() created the process group (and teardown() should destroy it)
+
+
+def rank() -> int:
+    """This process's rank among all processes of the launch (0 without a launcher)."""
+    return int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    """This process's rank on its machine: the GPU it uses."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    """Processes in the launch (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def is_main() -> bool:
+    """Rank 0: the process that prints and writes."""
+    return rank() == 0
+
+
+def use_cuda() -> bool:
+    """CUDA unless there is none, or ``accelerate launch --cpu`` asked for the CPU."""
+    import torch
+
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return torch.cuda.is_available() and not forced_cpu
+
+
+def device() -> Any:
+    """This process's device: its local rank's GPU, or the CPU."""
+    import torch
+
+    return torch.device("cuda", local_rank()) if use_cuda() else torch.device("cpu")
+
+
+def _active() -> bool:
+    import torch.distributed as dist
+
+    return is_distributed() and dist.is_available() and dist.is_initialized()
+
+
+def setup() -> None:
+    """Join the process group the launcher described (once), on this process's GPU. No-op without a launcher."""
+    if not is_distributed():
+        return
+    import torch
+    import torch.distributed as dist
+
+    if use_cuda():
+        if local_rank() >= torch.cuda.device_count():
+            raise AttnzooError(f"local rank {local_rank()} has no GPU: this machine has {torch.cuda.device_count()}; "
+                               "launch at most one process per GPU (--nproc_per_node)")
+        torch.cuda.set_device(local_rank())
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda() else "gloo")
+        _state["owned"] = True
+        atexit.register(teardown)  # left open until then: rank 0 still broadcasts and waits after training
+
+
+def teardown() -> None:
+    """Leave the process group, if :func:`setup` created it."""
+    import torch.distributed as dist
+
+    if _state["owned"] and dist.is_initialized():
+        dist.destroy_process_group()
+    _state["owned"] = False
+
+
+def backend() -> str | None:
+    """The process group's backend (``nccl``, ``gloo``), None in a single process."""
+    import torch.distributed as dist
+
+    return str(dist.get_backend()) if _active() else None
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj``, in every process."""
+    if not _active():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order."""
+    if not _active():
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    """Wait for every process of the launch."""
+    if _active():
+        import torch.distributed as dist
+
+        dist.barrier(device_ids=[local_rank()] if backend() == "nccl" else None)
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Use fastai in this process by itself, as in a single process: fastai gathers across processes whenever
+    ``WORLD_SIZE`` > 1 and saves only where ``RANK`` is 0, so both are hidden meanwhile (:func:`is_main` too
+    is true inside)."""
+    saved = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def quiet_console() -> Any:
+    """A rich console that prints nothing: what the processes other than rank 0 report to."""
+    from rich.console import Console
+
+    return Console(quiet=True)
+
+
+class Training:
+    """Fits inside ``with training:`` run in every process of the launch, each on its shard of the data, as one
+    DistributedDataParallel model; without a launcher (or with one process) they are plain fits. Enter the same
+    object around every fit of one training (not ``lr_find``: see :func:`alone`); every process must enter and
+    leave together.
+
+    ``sync_bn``: batch norm statistics over all processes (CUDA only: torch's SyncBatchNorm has no CPU kernel);
+    nothing to sync in a single process.
+    """
+
+    def __init__(self, learn: Any, sync_bn: bool = False) -> None:
+        import torch
+
+        if sync_bn and is_distributed() and not use_cuda():
+            raise AttnzooError("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm does not run on CPU")
+        setup()
+        parts = _parts()
+        self.learn, self.world_size, self.backend = learn, world_size(), backend()
+        self.sync_bn, self.bs = bool(sync_bn and is_distributed()), int(learn.dls.train.bs)
+        self.train_batches = [0] * self.world_size  # per rank, gathered when a fit ends
+        self._tally = parts.Tally()
+        self._cbs = [self._tally]
+        if is_distributed():
+            if rank():  # each rank its own augmentation and dropout draws; rank 0 keeps a single process's
+                torch.manual_seed(torch.initial_seed() + rank())
+            learn.dls.to(device())
+            self._cbs.append(parts.Trainer(sync_bn=self.sync_bn, cpu=not use_cuda()))
+
+    def __enter__(self) -> Training:
+        self.learn.add_cbs(self._cbs)
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.learn.remove_cbs(self._cbs)
+        if exc_type is None:
+            self.train_batches = gather(self._tally.batches)
+
+    def summary(self) -> dict[str, Any]:
+        """How the training was spread over processes, for the run folder's ``attnzoo.json``."""
+        return dict(world_size=self.world_size, backend=self.backend, sync_bn=self.sync_bn,
+                    effective_bs=self.bs * self.world_size, train_batches=self.train_batches)
+
+
+def _swap_batch_norm(model: Any) -> list[tuple[Any, str, Any]]:
+    """Every batch norm replaced by a synced one sharing its tensors; returns what :func:`_unswap` needs.
+
+    timm's converter, not torch's (which fastai uses): it keeps the activation of timm's BatchNormAct2d.
+    """
+    import torch
+    from timm.layers import convert_sync_batchnorm
+
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
+                    child, torch.nn.SyncBatchNorm):
+                setattr(parent, name, convert_sync_batchnorm(child))
+                swapped.append((parent, name, child))
+    return swapped
+
+
+def _unswap(swapped: list[tuple[Any, str, Any]]) -> None:
+    for parent, name, original in swapped:
+        original.train(getattr(parent, name).training)
+        setattr(parent, name, original)
+
+
+@functools.cache
+def _parts() -> Any:
+    """The fastai pieces, built on first use so that importing this module stays free of torch and fastai."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+    from fastai.callback.core import Callback
+    from fastai.distributed import DistributedDL, DistributedTrainer
+    from fastai.learner import AvgMetric, Metric
+
+    class ShardedDL(DistributedDL):
+        """fastai's shard of a loader: a broadcast that works on any backend, and its true number of batches."""
+
+        def _broadcast(self, t: list[int], src: int) -> list[int]:
+            on = device() if dist.get_backend() == "nccl" else "cpu"  # nccl takes CUDA tensors only
+            t = torch.tensor(t, dtype=torch.long, device=on)
+            dist.broadcast(t, src)
+            return t.cpu().tolist()
+
+        @property
+        def rng(self) -> Any:  # the wrapped loader's: it draws the shuffled order (checkpoints save it)
+            return self.dl.rng
+
+        def __len__(self) -> int:
+            if self.dl.n is None:
+                return super().__len__()
+            per_rank = -(-self.dl.n // self.world_size)
+            return per_rank // self.bs if self.drop_last else -(-per_rank // self.bs)
+
+    class WholeSet(Metric):
+        """``func`` over the predictions of every rank at once, the shards' padding dropped."""
+
+        def __init__(self, func: Any, name: str) -> None:
+            self.func, self._name = func, name
+
+        def reset(self) -> None:
+            self.preds, self.targs = [], []
+
+        def accumulate(self, learn: Any) -> None:
+            self.preds.append(learn.to_detach(learn.pred))  # gathered over ranks, padding cut by the shard
+            self.targs.append(learn.to_detach(learn.yb))
+
+        @property
+        def value(self) -> Any:
+            if not self.preds:
+                return None
+            return self.func(torch.cat(self.preds).float(), *map(torch.cat, zip(*self.targs)))
+
+        @property
+        def name(self) -> str:
+            return self._name
+
+    class Trainer(DistributedTrainer):
+        """fastai's DDP trainer with sharded loaders that work on gloo, whole-set validation metrics and batch
+        norm synced for the fit only."""
+
+        def __init__(self, sync_bn: bool, cpu: bool) -> None:
+            super().__init__(sync_bn=False, cpu=cpu)  # the swap is done here, so that it can be undone
+            self.swap_bn, self.swapped = sync_bn, []
+
+        def _wrap_dl(self, dl: Any) -> Any:
+            return dl if isinstance(dl, ShardedDL) else ShardedDL(dl, device=self.learn.model.device)
+
+        def before_fit(self) -> None:
+            self.swapped = _swap_batch_norm(self.learn.model) if self.swap_bn else []
+            super().before_fit()
+            self.saved_metrics = self.learn.recorder.loss, self.learn.metrics
+            valid_loss = WholeSet(lambda pred, *yb: self.learn.loss_func(pred, *yb), "valid_loss")
+            object.__setattr__(self.learn.recorder, "loss", valid_loss)  # a Callback warns when set its usual way
+            self.learn.metrics = [WholeSet(m.func, m.name) if type(m) is AvgMetric else m for m in self.learn.metrics]
+
+        def after_fit(self) -> None:
+            super().after_fit()
+            object.__setattr__(self.learn.recorder, "loss", self.saved_metrics[0])
+            self.learn.metrics = self.saved_metrics[1]
+            _unswap(self.swapped)
+            self.swapped = []
+
+    class Tally(Callback):
+        """Training batches this process ran."""
+
+        def __init__(self) -> None:
+            self.batches = 0
+
+        def after_batch(self) -> None:
+            if self.training:
+                self.batches += 1
+
+    return SimpleNamespace(ShardedDL=ShardedDL, WholeSet=WholeSet, Trainer=Trainer, Tally=Tally)
