@@ -431,7 +431,10 @@ def main(argv: list[str] | None = None) -> None:
         import traceback
 
         traceback.print_exc()
-    _console(stderr=True).print(f"[red]error:[/] {err}", soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: messages quote paths and library errors, e.g. gloo's "[/path/pair.cc:561] Connection closed"
+    _console(stderr=True).print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
     sys.exit(code)
 
 

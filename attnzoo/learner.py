@@ -350,8 +350,9 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
     learn.logger = lambda *_: None
     training = distributed.Training(learn, sync_bn=sync_bn)  # fits inside it run in every process of a launch
     if lr == "auto":
-        with training:
+        with distributed.alone():  # lr_find in each process by itself (it cannot run distributed) ...
             lr = suggest_lr(learn)
+        lr = distributed.broadcast(lr)  # ... and rank 0's pick for all
     lr = float(lr or 1e-3)
 
     request = dict(backbone=backbone, attn=attn, data=data, at=sites or None, attn_options=options, epochs=epochs,
