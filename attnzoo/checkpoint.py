@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException
+from fastai.torch_core import get_model
 
+from . import distributed
 from .errors import AttnzooError
 from .run import _atomic_write
 
@@ -167,14 +169,15 @@ class Checkpoints(Callback):
             return
         row = self.history.rows[-1]
         epoch = self.offset + self.epoch + 1
+        model = get_model(self.learn.model)  # the module itself, not a DistributedDataParallel wrapper
         score = row.get(self.monitor)
         if score is not None and math.isfinite(score) and score < self.best.get("score", math.inf):
             self.best = {"epoch": epoch, "monitor": self.monitor, "score": score}
-            save_checkpoint(self.run_dir / BEST, None, self.learn.model, {"epoch": epoch, "best": self.best})
+            save_checkpoint(self.run_dir / BEST, None, model, {"epoch": epoch, "best": self.best})
         smooth = self.learn.recorder.smooth_loss
         meta = {"epoch": epoch, "history": self.history.rows, "best": self.best, "rng": rng_state(self.learn),
                 "smooth_loss": [int(smooth.count), float(smooth.val)]}
-        save_checkpoint(self.run_dir / LAST, self.learn, self.learn.model, meta)
+        save_checkpoint(self.run_dir / LAST, self.learn, model, meta)
 
 
 class RestoreSmoothLoss(Callback):
@@ -192,13 +195,16 @@ class RestoreSmoothLoss(Callback):
 
 class StopOnSignal(Callback):
     """SIGINT/SIGTERM end the current batch, then training stops (``fit`` saves and says how to resume).
-    A second signal is not caught: it stops at once."""
+    A second signal is not caught: it stops at once. Under a launcher the processes agree every ``every``
+    batches (one small all-reduce), so all of them stop at the same batch."""
 
     order = 0
 
-    def __init__(self) -> None:
-        self.signum: int | None = None
+    def __init__(self, every: int = 8) -> None:
+        self.signum: int | None = None  # the signal, once this process (or, launched, any process) stops
+        self._received: int | None = None
         self._old: dict[int, Any] = {}
+        self.every = every
 
     def install(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -212,14 +218,23 @@ class StopOnSignal(Callback):
         self._old = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
+        self._received = signum
         self.uninstall()  # the next one acts at once
 
-    def after_batch(self) -> None:
-        if self.signum is not None:
+    def _decide(self) -> None:
+        received = self._received
+        if distributed.is_distributed():
+            received = distributed.all_reduce_int(received or 0, "max") or None
+        if received is not None:
+            self.signum = received
             raise CancelFitException
 
-    before_epoch = after_batch
+    def after_batch(self) -> None:
+        if not distributed.is_distributed() or (self.iter + 1) % self.every == 0:
+            self._decide()
+
+    def before_epoch(self) -> None:
+        self._decide()
 
 
 class NanGuard(Callback):
@@ -246,9 +261,10 @@ class NanGuard(Callback):
             self._check()
 
     def _check(self) -> None:
-        if self._first_bad is None:
-            return
-        index = int(self._first_bad)
+        index = -1 if self._first_bad is None else int(self._first_bad)
+        if distributed.is_distributed():  # every process checks at the same batches; the earliest bad one counts
+            index = distributed.all_reduce_int(index if index >= 0 else 2**62, "min")
+            index = -1 if index == 2**62 else index
         if index >= 0:
             self.failure = (self.offset + self.epoch + 1, index + 1)
             raise CancelFitException

@@ -138,6 +138,19 @@ def gather(obj: Any) -> list[Any]:
     return out
 
 
+def all_reduce_int(value: int, op: str = "max") -> int:
+    """``value`` combined over every process (``max`` or ``min``); the value itself in a single process.
+    Every process must call it at the same point of the loop."""
+    if not _active():
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device() if backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def barrier() -> None:
     """Wait for every process of the launch."""
     if _active():

@@ -7,6 +7,7 @@ pretrained body stays fixed; fastai's default splitter would freeze the attentio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -288,7 +289,7 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
          run_dir: Path, resume: bool, console: Any, on_data: Any, on_epoch_table: Any, sync_bn: bool = False) -> Path:
     import timm
     from fastai.callback.progress import ProgressCallback
-    from fastai.torch_core import set_seed
+    from fastai.torch_core import get_model, set_seed
 
     from . import checkpoint as ck
     from . import interpret
@@ -352,6 +353,8 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
     if lr == "auto":
         with distributed.alone():  # lr_find in each process by itself (it cannot run distributed) ...
             lr = suggest_lr(learn)
+        with contextlib.suppress(OSError):
+            (run_dir / learn.model_dir).rmdir()  # lr_find's scratch folder, when it is left empty
         lr = distributed.broadcast(lr)  # ... and rank 0's pick for all
     lr = float(lr or 1e-3)
 
@@ -414,8 +417,10 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
             offset += n
     except BaseException as e:
         stop.uninstall()
-        write_config(run_dir, {**config, "status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                               "metrics": {"per_epoch": history.rows}, "error": f"{type(e).__name__}: {e}"})
+        if distributed.is_main():
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            write_config(run_dir, {**config, "status": status, "metrics": {"per_epoch": history.rows},
+                                   "error": f"{type(e).__name__}: {e}"})
         raise
     stop.uninstall()
     if on_epoch_table is not None:
@@ -423,13 +428,16 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
 
     epochs_done = len(history.rows)
     if failure is not None:
-        write_config(run_dir, {**config, "status": "failed", "best": best,
-                               "metrics": {"per_epoch": history.rows}, "error": f"NaN/inf loss at {failure}"})
+        if distributed.is_main():
+            write_config(run_dir, {**config, "status": "failed", "best": best,
+                                   "metrics": {"per_epoch": history.rows}, "error": f"NaN/inf loss at {failure}"})
         kept = f"; the last good checkpoint (epoch {epochs_done}) is {run_dir / ck.LAST}" if epochs_done else ""
         raise TrainingFailed(f"the training loss became NaN/inf at epoch {failure[0]}, batch {failure[1]}: "
                              f"training stopped{kept}. Try a lower --lr.")
     if stop.signum is not None:
-        save_run(run_dir, learn.model, {**config, "status": "interrupted", "best": best}, history.rows)
+        if distributed.is_main():
+            save_run(run_dir, get_model(learn.model), {**config, "status": "interrupted", "best": best},
+                     history.rows)
         name = signal.Signals(stop.signum).name
         if epochs_done and checkpoints:
             how = (f"resume with: attnzoo fit --resume {run_dir} (continues after epoch {epochs_done}; "

@@ -114,9 +114,6 @@ def test_a_single_process_run_records_one_process(single):
                                                  train_batches=[7])
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint.Checkpoints saves learn.model, which is DistributedDataParallel "
-                                       "during a distributed fit (keys model.module.*); unwrap it with "
-                                       "fastai.torch_core.get_model")
 def test_checkpoints_hold_the_same_tensors_as_a_single_process(launched, single):
     from safetensors import safe_open
 
