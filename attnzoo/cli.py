@@ -92,6 +92,8 @@ def fit(
                                                      "checkpoint, with its own settings.")] = None,
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help="Under torchrun / accelerate launch on GPUs: batch "
                                                              "norm statistics over all processes.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (pays off on GPUs for long "
+                                                            "runs; see benchmarks/RESULTS.md).")] = False,
 ) -> None:
     """Train BACKBONE with attention ATTN on DATA and write a run folder (or --resume one)."""
     from .distributed import is_main
@@ -139,8 +141,8 @@ def fit(
                           lr=lr_value, bs=bs, img_size=img_size, pretrained=pretrained,
                           weights=str(weights) if weights else None, valid_pct=valid_pct, seed=seed,
                           freeze_epochs=freeze_epochs, out=str(out) if out else None, num_workers=workers,
-                          checkpoints=checkpoints, resume=resume, sync_bn=sync_bn, console=err, on_data=on_data,
-                          on_epoch_table=on_epoch_table)
+                          checkpoints=checkpoints, resume=resume, sync_bn=sync_bn, compile=compile, console=err,
+                          on_data=on_data, on_epoch_table=on_epoch_table)
     except (AttnzooError, KeyboardInterrupt, Interrupted, TrainingFailed):
         raise
     except Exception as e:

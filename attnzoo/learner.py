@@ -64,16 +64,20 @@ def attention_learner(
     wd: float | None = None,
     mixed_precision: str | None = "auto",
     channels_last: bool | None = None,
+    compile: bool = False,
     **attn_kwargs: Any,
 ) -> Learner:
     """A fastai ``Learner`` training ``backbone`` with ``attn`` at ``at``; every fastai habit still works.
 
     ``mixed_precision``: ``"auto"`` (bf16 on a GPU that supports it, else fp16 on GPU, none on CPU),
-    ``"bf16"``, ``"fp16"`` or ``None``. ``channels_last``: default on for GPUs.
+    ``"bf16"``, ``"fp16"`` or ``None``. ``channels_last``: default on for GPUs. ``compile``: ``torch.compile``
+    the model in place (``nn.Module.compile``: state-dict keys unchanged).
     With pretrained weights the body starts frozen (``learn.unfreeze()`` when you want it trained).
     """
     model = create_model(backbone, attn, at, num_classes=dls.c, pretrained=pretrained,
                          pretrained_file=pretrained_file, img_size=_img_size(dls), **attn_kwargs)
+    if compile:
+        model.compile()
     learn = Learner(dls, model, loss_func=loss_func or CrossEntropyLossFlat(), opt_func=opt_func, lr=lr,
                     splitter=attention_splitter, cbs=cbs, metrics=metrics, wd=wd)
     learn.attnzoo = dict(backbone=backbone, attn=model.attn, sites=model.sites, pretrained=bool(
@@ -216,6 +220,7 @@ def fit(
     checkpoints: bool = True,
     resume: str | os.PathLike | None = None,
     sync_bn: bool = False,
+    compile: bool = False,
     console: Any = None,
     on_data: Any = None,
     on_epoch_table: Any = None,
@@ -256,6 +261,7 @@ def fit(
     return _fit(backbone=backbone, attn=attn, data=data, at=at, attn_options=attn_options, epochs=epochs, lr=lr,
                 bs=bs, img_size=img_size, pretrained=pretrained, weights=weights, valid_pct=valid_pct, seed=seed,
                 freeze_epochs=freeze_epochs, checkpoints=checkpoints, num_workers=num_workers, sync_bn=sync_bn,
+                compile=compile,
                 run_dir=distributed.broadcast(_new_run_dir(backbone, attn, out, runs_dir)),  # rank 0's name
                 resume=False, console=console, on_data=on_data, on_epoch_table=on_epoch_table)
 
@@ -286,7 +292,8 @@ def _phases(pretrained: bool, epochs: int, freeze_epochs: int, lr: float) -> lis
 def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: dict[str, Any] | None, epochs: int,
          lr: float | str | None, bs: int, img_size: int | None, pretrained: bool, weights: str | None,
          valid_pct: float, seed: int, freeze_epochs: int, checkpoints: bool, num_workers: int | None,
-         run_dir: Path, resume: bool, console: Any, on_data: Any, on_epoch_table: Any, sync_bn: bool = False) -> Path:
+         run_dir: Path, resume: bool, console: Any, on_data: Any, on_epoch_table: Any, sync_bn: bool = False,
+         compile: bool = False) -> Path:
     import timm
     from fastai.callback.progress import ProgressCallback
     from fastai.torch_core import get_model, set_seed
@@ -344,7 +351,8 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
     history = History()
     use_pretrained = (pretrained and weights is None) and not resume
     learn = attention_learner(dls, backbone, attn, sites or None, pretrained=use_pretrained,
-                              pretrained_file=None if resume else weights, cbs=[history], **options)
+                              pretrained_file=None if resume else weights, cbs=[history], compile=compile,
+                              **options)
     learn.attnzoo["pretrained"] = bool(pretrained or weights)
     learn.path = run_dir  # fastai's own scratch files (lr_find) go to the run folder, never the data folder
     learn.remove_cb(ProgressCallback)
@@ -361,7 +369,7 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
     request = dict(backbone=backbone, attn=attn, data=data, at=sites or None, attn_options=options, epochs=epochs,
                    lr=lr, bs=bs, img_size=img_size, pretrained=pretrained, weights=weights, valid_pct=valid_pct,
                    seed=seed, freeze_epochs=freeze_epochs, checkpoints=checkpoints, num_workers=num_workers,
-                   sync_bn=sync_bn)
+                   sync_bn=sync_bn, compile=compile)
     if not resume:
         config = dict(
             status="training", backbone=backbone, attn=attn or "none", attn_options=options,

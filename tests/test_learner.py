@@ -53,3 +53,18 @@ def test_channels_last_training_runs(dls):
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-3)
     assert learn.recorder.values and all(torch.isfinite(torch.tensor(v)).all() for v in learn.recorder.values)
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_saves_and_shows_its_maps(tiny_folder, tmp_path):
+    import json
+
+    from attnzoo import load_run
+    from attnzoo.learner import fit
+
+    run = fit("test_resnet", "lpa-pc", str(tiny_folder), pretrained=False, bs=8, img_size=32, epochs=1, compile=True,
+              out=str(tmp_path / "run"))
+    assert json.loads((run / "attnzoo.json").read_text())["request"]["compile"] is True
+    assert (run / "attention.png").is_file()
+    _, maps = load_run(run).predict([next(tiny_folder.rglob("*.png"))])
+    assert set(maps) == {"layer1", "layer2", "layer3"}
