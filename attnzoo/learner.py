@@ -80,6 +80,7 @@ def attention_learner(
         model.compile()
     learn = Learner(dls, model, loss_func=loss_func or CrossEntropyLossFlat(), opt_func=opt_func, lr=lr,
                     splitter=attention_splitter, cbs=cbs, metrics=metrics, wd=wd)
+    learn.add_cb(FlushDenormals())
     learn.attnzoo = dict(backbone=backbone, attn=model.attn, sites=model.sites, pretrained=bool(
         pretrained or pretrained_file), attn_options=attn_kwargs)
     if pretrained or pretrained_file:
@@ -115,6 +116,24 @@ def suggest_lr(learn: Learner, num_it: int = 100) -> float:
     """fastai's ``lr_find`` valley, without its plot."""
     with learn.no_bar(), learn.removed_cbs([c for c in learn.cbs if isinstance(c, (RichProgress, History))]):
         return float(learn.lr_find(num_it=num_it, show_plot=False).valley)
+
+
+class FlushDenormals(Callback):
+    """Flush denormal floats to zero on the CPU while fitting, then back.
+
+    Weights whose gradients are of rounding size (the layers after lpa-pc's last tap: its softmax cancels the
+    global feature's share of every score) drive Adam's second moment below 1.2e-38, and x86 arithmetic on
+    such denormal floats is many times slower (``benchmarks/denormal.py``). GPUs are unaffected."""
+
+    order = -10
+
+    def before_fit(self) -> None:
+        self._set = torch.set_flush_denormal(True)
+
+    def after_fit(self) -> None:
+        if getattr(self, "_set", False):
+            torch.set_flush_denormal(False)
+            self._set = False
 
 
 class History(Callback):

@@ -68,3 +68,20 @@ def test_a_compiled_model_trains_saves_and_shows_its_maps(tiny_folder, tmp_path)
     assert (run / "attention.png").is_file()
     _, maps = load_run(run).predict([next(tiny_folder.rglob("*.png"))])
     assert set(maps) == {"layer1", "layer2", "layer3"}
+
+
+def test_denormals_are_flushed_on_the_cpu_while_fitting_only(dls):
+    from fastai.callback.core import Callback
+
+    tiny = torch.tensor([1e-39])  # a denormal float32
+
+    class Probe(Callback):
+        def after_batch(self):
+            self.seen = float(tiny * 1.0)
+
+    probe = Probe()
+    learn = attnzoo.attention_learner(dls, "test_resnet", "lpa-pc", pretrained=False, cbs=[probe])
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3)
+    assert probe.seen == 0.0  # flushed to zero during the fit
+    assert float(tiny * 1.0) > 0  # and not after it
