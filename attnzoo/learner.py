@@ -123,16 +123,21 @@ class FlushDenormals(Callback):
 
     Weights whose gradients are of rounding size (the layers after lpa-pc's last tap: its softmax cancels the
     global feature's share of every score) drive Adam's second moment below 1.2e-38, and x86 arithmetic on
-    such denormal floats is many times slower (``benchmarks/denormal.py``). GPUs are unaffected."""
+    such denormal floats is many times slower (``benchmarks/denormal.py``). GPUs are unaffected.
+
+    OpenMP's worker threads copy the mode when they start: if torch has already run a parallel op in this
+    process (a notebook that ran a forward pass), call ``torch.set_flush_denormal(True)`` before that instead.
+    After the fit the mode is what it was before."""
 
     order = -10
 
     def before_fit(self) -> None:
+        self._was = bool(torch.tensor([1e-39]).mul(1.0) == 0)  # flushing already? (torch has no getter)
         self._set = torch.set_flush_denormal(True)
 
     def after_fit(self) -> None:
         if getattr(self, "_set", False):
-            torch.set_flush_denormal(False)
+            torch.set_flush_denormal(self._was)
             self._set = False
 
 

@@ -85,3 +85,10 @@ def test_denormals_are_flushed_on_the_cpu_while_fitting_only(dls):
         learn.fit(1, 1e-3)
     assert probe.seen == 0.0  # flushed to zero during the fit
     assert float(tiny * 1.0) > 0  # and not after it
+    torch.set_flush_denormal(True)  # a user who flushes already keeps flushing after a fit
+    try:
+        with learn.no_bar(), learn.no_logging():
+            learn.fit(1, 1e-3)
+        assert float(tiny * 1.0) == 0.0
+    finally:
+        torch.set_flush_denormal(False)

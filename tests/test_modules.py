@@ -156,3 +156,11 @@ def test_softmask_softmax_gate_has_mean_one():
     m(torch.randn(3, 8, 5, 6))
     gate = rec.evaluate()["m"]
     torch.testing.assert_close(gate.mean((1, 2)), torch.ones(3))
+
+
+def test_sagan_output_keeps_the_input_memory_format():
+    gate = attnzoo.create_attention("sagan", 16).eval()
+    x = torch.randn(2, 16, 6, 5)
+    assert gate(x).is_contiguous()  # NCHW in, NCHW out: the layers after the gate keep their layout
+    xl = x.contiguous(memory_format=torch.channels_last)
+    assert gate(xl).is_contiguous(memory_format=torch.channels_last)

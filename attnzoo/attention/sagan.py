@@ -119,7 +119,7 @@ class SelfAttention(nn.Module):
             o = self._sdpa(q, k, v)
         o = o.transpose(1, 2).reshape(b, c, h, w)
         report_map(self, lambda: received_attention(q.detach(), k.detach()).view(b, h, w))
-        return self.gamma * o + x
+        return x + self.gamma * o  # the sum keeps x's memory format (o is channels_last-strided)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The fused-kernel path: v in heads of ``head_width``, q and k zero-padded to it and shared."""
