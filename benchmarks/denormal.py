@@ -7,7 +7,10 @@ floats, and on x86 CPUs arithmetic on denormals is many times slower. ``torch.se
 (flush-to-zero) removes the slowdown. lpa-dp, whose scores depend on g, is the control.
 
 Each (attention, mode) pair runs in a fresh process: the hand-written loop of ``loop_overhead.py`` from a fresh
-model on the small demo set, epoch by epoch, then counts the denormals in Adam's state.
+model on the small demo set, epoch by epoch, then counts the denormals in Adam's state. A last check times
+sqrt on denormals with 2 threads: flush-to-zero reaches OpenMP's worker threads only when it is set before
+torch's first parallel op (the threads copy the floating-point mode when they start); set later, it covers
+only the main thread's share of each op, and the op waits for the workers' slow share.
 
     python benchmarks/denormal.py                 # lpa-pc and lpa-dp, 3 epochs each way
     python benchmarks/denormal.py --quick         # 1 epoch each way
@@ -49,6 +52,34 @@ def child(attn: str, flush: bool, epochs: int, backbone: str) -> dict:
                 batches_per_epoch=len(dls.train))
 
 
+POOL_CHECK = r"""
+import sys, time, torch
+torch.set_num_threads(2)
+when = sys.argv[1]
+if when == "before":
+    torch.set_flush_denormal(True)
+tiny, normal = torch.full((1 << 23,), 1e-40), torch.full((1 << 23,), 1e-3)
+normal.sqrt()  # the first parallel op: OpenMP starts its worker threads here
+if when == "after":
+    torch.set_flush_denormal(True)
+def best(x):
+    out = []
+    for _ in range(5):
+        t = time.perf_counter(); x.sqrt(); out.append(time.perf_counter() - t)
+    return min(out)
+print(best(tiny) / best(normal))
+"""
+
+
+def pool_check() -> dict[str, float]:
+    """sqrt of denormals over sqrt of normal floats, 2 threads, flush-to-zero never / before / after the pool."""
+    out = {}
+    for when in ("never", "before", "after"):
+        res = subprocess.run([sys.executable, "-c", POOL_CHECK, when], capture_output=True, text=True)
+        out[when] = float(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else float("nan")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(ap)
@@ -86,7 +117,12 @@ def main() -> None:
                        "hand-written loop, CPU fp32",
                        ["attention", "flush-to-zero", "s per epoch", "x flush-to-zero",
                         "denormals in Adam's exp_avg_sq at the end"], table)
-    common.write_json("denormal", args, rows, args.json)
+    pool = pool_check()
+    common.print_table("sqrt of 8M denormal floats / sqrt of 8M normal ones, 2 torch threads: flush-to-zero set "
+                       "never, before or after torch's first parallel op (OpenMP threads copy the mode when they "
+                       "start)", ["never", "before the first parallel op", "after it"],
+                       [[f"{pool['never']:.1f}x", f"{pool['before']:.1f}x", f"{pool['after']:.1f}x"]])
+    common.write_json("denormal", args, dict(epochs=rows, sqrt_denormal_over_normal_2_threads=pool), args.json)
 
 
 if __name__ == "__main__":

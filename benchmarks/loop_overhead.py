@@ -11,10 +11,11 @@ schedule, and a validation pass with loss and accuracy each epoch:
 - ``data only``: the same DataLoaders iterated with no model, the floor of both.
 
 The loops alternate (``--repeats`` rounds, a different order each round); each round's time is divided by the
-PyTorch loop's in that round, and the median ratio is reported. Instrumented epochs of each loop (alternating,
-the fastest time of each phase kept) then split the time into phases: data, forward, backward, optimizer step,
-zero_grad, and fastai's callbacks one by one (fastai's ``Learner._call_one`` and ``Callback.__call__`` are
-wrapped in this process only).
+PyTorch loop's in that round, and the median ratio is reported, for wall time and for the process's CPU time
+(which other jobs on the machine disturb less; DataLoader workers are other processes and do not count).
+Instrumented epochs of each loop (alternating, the fastest time of each phase kept) then split the time into
+phases: data, forward, backward, optimizer step, zero_grad, and fastai's callbacks one by one (fastai's
+``Learner._call_one`` and ``Callback.__call__`` are wrapped in this process only).
 
 On the CPU denormal floats are flushed to zero in both loops from the start (``--keep-denormals`` to keep
 them): with lpa-pc the Adam state of the layers after the last tap fills with denormals, which slows a step by
@@ -259,8 +260,13 @@ def main() -> None:
     gpu = torch.device(args.device).type == "cuda"
     if gpu:
         torch.backends.cudnn.benchmark = True
-    elif not args.keep_denormals:
-        torch.set_flush_denormal(True)
+
+    def flush() -> None:
+        """Again before every loop: attnzoo's FlushDenormals callback turns flushing off after each fit."""
+        if not (gpu or args.keep_denormals):
+            torch.set_flush_denormal(True)
+
+    flush()  # now, before torch's first parallel op, so that OpenMP's threads start with it
     cfg = timm.models.get_pretrained_cfg(args.backbone)
     info = dataset(args)
     dls = image_dataloaders(info, img_size=args.img_size, bs=args.bs, mean=tuple(cfg.mean), std=tuple(cfg.std),
@@ -274,26 +280,29 @@ def main() -> None:
     for loop in loops:  # warm-up: first allocations, the loader's first pass
         loop.fit(1)
     times: dict[str, list[float]] = defaultdict(list)
+    cpu: dict[str, list[float]] = defaultdict(list)
     metrics: dict[str, dict[str, float]] = {}
     for r, order in enumerate(common.rotations(loops, args.repeats)):
         for loop in order:
+            flush()
             common.sync(args.device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             metrics[loop.label] = loop.fit(args.epochs)
             common.sync(args.device)
             times[loop.label].append((time.perf_counter() - t) / args.epochs)
+            cpu[loop.label].append((time.process_time() - c) / args.epochs)
         common.log(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
-    base = times["pytorch"]
     rows = []
     for loop in loops:
-        t = times[loop.label]
-        ratio = common.median([a / b for a, b in zip(t, base)])
-        rows.append(dict(loop=loop.label, epoch_s=common.median(t), ratio=ratio, round_s=t,
-                         metrics=metrics.get(loop.label, {})))
+        t, c = times[loop.label], cpu[loop.label]
+        rows.append(dict(loop=loop.label, epoch_s=common.median(t), ratio=common.median(
+            [a / b for a, b in zip(t, times["pytorch"])]), cpu_s=common.median(c), cpu_ratio=common.median(
+            [a / b for a, b in zip(c, cpu["pytorch"])]), round_s=t, round_cpu_s=c, metrics=metrics.get(loop.label, {})))
 
     common.log(f"profiling {args.profile_epochs} epochs of each loop")
     runs: dict[str, list[dict[str, float]]] = defaultdict(list)
     for _ in range(args.profile_epochs):
+        flush()
         runs["pytorch"].append(profile_torch(torch_loop, args.device))
         runs["attnzoo"].append(profile_fastai(loops[1], args.device))
     prof = {k: {p: min(r.get(p, 0.0) for r in v) for p in dict.fromkeys(p for r in v for p in r)}
@@ -303,10 +312,10 @@ def main() -> None:
              f"{len(dls.train)} + {len(dls.valid)} batches, {dls.train.fake_l.num_workers} workers"
              f"{'' if gpu or args.keep_denormals else ', denormals flushed'} "
              f"(median of {args.repeats} interleaved rounds)")
-    table = [[r["loop"], f"{r['epoch_s']:.2f}", f"{r['ratio']:.3f}",
+    table = [[r["loop"], f"{r['epoch_s']:.2f}", f"{r['ratio']:.3f}", f"{r['cpu_s']:.2f}", f"{r['cpu_ratio']:.3f}",
               "goal <= 1.05: " + ("met" if r["ratio"] <= GOAL else "not met") if r["loop"] == "attnzoo" else ""]
              for r in rows]
-    common.print_table(title, ["loop", "s/epoch", "x pytorch", ""], table)
+    common.print_table(title, ["loop", "wall s/epoch", "x pytorch", "process CPU s/epoch", "x pytorch", ""], table)
     names = list(dict.fromkeys(list(prof["pytorch"]) + list(prof["attnzoo"])))
     order = ["data", "forward", "loss", "backward", "step", "zero_grad", "scheduler"]
     names = [n for n in order if n in names] + [n for n in names if n not in order]

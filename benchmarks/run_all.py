@@ -4,6 +4,7 @@
     python benchmarks/run_all.py --threads 1              # the full sizes (tens of minutes on 2 CPU cores)
     python benchmarks/run_all.py --device cuda            # on a GPU (denormal.py is CPU-only and is skipped)
     python benchmarks/run_all.py --quick --only train_step loop_overhead
+    python benchmarks/run_all.py --quick --out /tmp/bench    # JSON there instead of benchmarks/results/
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="passed on (see common.py)")
     ap.add_argument("--only", nargs="+", choices=SCRIPTS, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="folder for the JSON files (default benchmarks/results)")
     args = ap.parse_args()
     failed = []
     timings = []
@@ -34,6 +36,7 @@ def main() -> None:
         cmd = [sys.executable, str(HERE / f"{name}.py"), "--device", args.device]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
+        cmd += ["--json", str(args.out / f"{name}.json")] if args.out else []
         print(f"\n## {name}: {' '.join(cmd[1:])}", flush=True)
         t = time.perf_counter()
         rc = subprocess.run(cmd).returncode
