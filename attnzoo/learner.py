@@ -106,15 +106,10 @@ def attention_learner(
 
 def train(learn: Learner, epochs: int, lr: float | None = None, freeze_epochs: int = 1) -> None:
     """``fit_one_cycle``; with pretrained weights, ``freeze_epochs`` with the body frozen first (like ``fine_tune``)."""
-    lr = lr or learn.lr
-    if getattr(learn, "attnzoo", {}).get("pretrained") and freeze_epochs > 0:
-        learn.freeze()
-        learn.fit_one_cycle(freeze_epochs, lr)
-        learn.unfreeze()
-        learn.fit_one_cycle(epochs, slice(lr / 100, lr / 2))
-    else:
-        learn.unfreeze()
-        learn.fit_one_cycle(epochs, lr)
+    for frozen, n, phase_lr in _phases(getattr(learn, "attnzoo", {}).get("pretrained", False), epochs,
+                                       freeze_epochs, lr or learn.lr):
+        learn.freeze() if frozen else learn.unfreeze()
+        learn.fit_one_cycle(n, phase_lr)
 
 
 def suggest_lr(learn: Learner, num_it: int = 100) -> float:
@@ -332,7 +327,7 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
     from .data import find_dataset, image_dataloaders, resolve_data
     from .model import _introspect, check_backbone, default_img_size, resolve_sites
     from .registry import get_attention, parse_options
-    from .run import WEIGHTS, Run, save_run, write_config
+    from .run import WEIGHTS, Run, _atomic_write, save_run, write_config
 
     # everything a user can get wrong is checked before any data is touched
     check_backbone(backbone)
@@ -410,8 +405,6 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
     if not resume and distributed.is_main():  # rank 0 writes the run folder
         run_dir.mkdir(parents=True, exist_ok=True)
         if info.skipped:
-            from .run import _atomic_write
-
             lines = "".join(f"{p}\t{r}\n" for p, r in info.skipped)
             _atomic_write(run_dir / "skipped.txt", lambda tmp: tmp.write_text("path\treason\n" + lines))
         write_config(run_dir, config)
@@ -468,7 +461,8 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
         if distributed.is_main():
             write_config(run_dir, {**config, "status": "failed", "best": best,
                                    "metrics": {"per_epoch": history.rows}, "error": f"NaN/inf loss at {failure}"})
-        kept = f"; the last good checkpoint (epoch {epochs_done}) is {run_dir / ck.LAST}" if epochs_done else ""
+        kept = (f"; the last good checkpoint (epoch {epochs_done}) is {run_dir / ck.LAST}"
+                if epochs_done and checkpoints else "")
         raise TrainingFailed(f"the training loss became NaN/inf at epoch {failure[0]}, batch {failure[1]}: "
                              f"training stopped{kept}. Try a lower --lr.")
     if stop.signum is not None:
