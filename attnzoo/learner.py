@@ -77,11 +77,11 @@ def attention_learner(
     model = create_model(backbone, attn, at, num_classes=dls.c, pretrained=pretrained,
                          pretrained_file=pretrained_file, img_size=_img_size(dls), **attn_kwargs)
     if compile:
-        import torch._dynamo
+        import torch._dynamo as dynamo  # (a plain `import torch._dynamo` would make `torch` local here)
 
         # gates are forward hooks, and dynamo skips guards on hooks by default: a second model of the same
         # backbone compiled in this process would silently run the first one's graph, without its gates
-        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        dynamo.config.skip_nnmodule_hook_guards = False
         model.compile()
     learn = Learner(dls, model, loss_func=loss_func or CrossEntropyLossFlat(), opt_func=opt_func, lr=lr,
                     splitter=attention_splitter, cbs=cbs, metrics=metrics, wd=wd)
