@@ -114,12 +114,13 @@ def save_checkpoint(path: Path, learn: Any | None, model: torch.nn.Module, meta:
     if learn is not None and learn.opt is not None:
         opt_tensors, meta["optimizer"] = optimizer_tensors(learn.opt)
         tensors.update(opt_tensors)
-    # tied weights appear twice in a state dict; safetensors refuses shared storage, so store copies
+    # tied weights and views share storage, which safetensors refuses: the second one on a storage is copied
     seen: set[int] = set()
     for k, v in tensors.items():
-        if v.data_ptr() in seen and v.numel():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.numel():
             tensors[k] = v.clone()
-        seen.add(tensors[k].data_ptr())
+        seen.add(tensors[k].untyped_storage().data_ptr())
     _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
 
 

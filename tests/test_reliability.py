@@ -294,3 +294,23 @@ def test_an_unreadable_image_for_show_attention_is_one_line(reference, tmp_path,
     code, _, err = run_cli(capsys, "show-attention", str(tmp_path / "empty.jpg"), "--run", str(reference),
                            "--out", str(tmp_path))
     assert code == 2 and "cannot read image" in err and "Traceback" not in err
+
+
+def test_checkpoints_store_tied_weights_and_views(tmp_path):
+    from attnzoo.checkpoint import load_model_tensors, read_checkpoint, save_checkpoint
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight  # one parameter under two names
+            self.register_buffer("rows", torch.arange(8.0).view(2, 4))
+            self.register_buffer("row", self.rows[1])  # a view into another buffer
+
+    model = Tied()
+    save_checkpoint(tmp_path / "c.safetensors", None, model, {"epoch": 3})
+    tensors, meta = read_checkpoint(tmp_path / "c.safetensors")
+    assert meta == {"epoch": 3} and torch.equal(tensors["model.row"], torch.arange(4.0, 8.0))
+    fresh = Tied()
+    load_model_tensors(fresh, tensors)
+    assert torch.equal(fresh.a.weight, model.a.weight) and fresh.b.weight is fresh.a.weight
