@@ -6,7 +6,8 @@ schedule, and a validation pass with loss and accuracy each epoch:
 
 - ``attnzoo``: ``attention_learner`` + ``fit_one_cycle`` with the callbacks ``attnzoo.learner.fit`` installs
   (History, RichProgress drawing to a terminal, fastai's ProgressCallback removed) and fastai's Adam;
-- ``attnzoo, no RichProgress`` and ``attnzoo, torch AdamW`` (fastai's ``OptimWrapper``): what each costs;
+- ``attnzoo, no RichProgress``, ``attnzoo, torch AdamW`` (fastai's ``OptimWrapper``) and ``attnzoo, grads set to
+  None`` (a callback frees the gradients after each step instead of fastai zeroing them): what each costs;
 - ``pytorch``: a for loop with ``torch.optim.AdamW`` (fastai's Adam defaults) and ``OneCycleLR``;
 - ``data only``: the same DataLoaders iterated with no model, the floor of both.
 
@@ -116,7 +117,8 @@ class TorchLoop:
 class FastaiLoop:
     """``attention_learner`` + ``fit_one_cycle`` with attnzoo's callbacks, as ``attnzoo.learner.fit`` sets them."""
 
-    def __init__(self, dls: Any, args: argparse.Namespace, rich: bool = True, torch_opt: bool = False):
+    def __init__(self, dls: Any, args: argparse.Namespace, rich: bool = True, torch_opt: bool = False,
+                 grads_to_none: bool = False):
         import torch
         from fastai.callback.progress import ProgressCallback
         from fastai.optimizer import OptimWrapper
@@ -130,11 +132,14 @@ class FastaiLoop:
         torch.manual_seed(0)
         self.learn = attention_learner(dls, args.backbone, args.attn, pretrained=False, cbs=[History()], **kw)
         self.learn.remove_cb(ProgressCallback)
+        if grads_to_none:
+            self.learn.add_cb(GradsToNone())
         self.learn.logger = lambda *_: None
         self.rich, self.lr = rich, args.lr
         # a terminal, so rich draws its live display as it does for a user (into /dev/null)
         self.console = Console(file=open(os.devnull, "w"), force_terminal=True, width=120)  # noqa: SIM115
-        self.label = "attnzoo" + ("" if rich else ", no RichProgress") + (", torch AdamW" if torch_opt else "")
+        self.label = "attnzoo" + ("" if rich else ", no RichProgress") + (", torch AdamW" if torch_opt else "") + (
+            ", grads set to None" if grads_to_none else "")
 
     def fit(self, epochs: int) -> dict[str, float]:
         import contextlib
@@ -147,6 +152,24 @@ class FastaiLoop:
             self.learn.fit_one_cycle(epochs, self.lr)
         vals = self.learn.recorder.values[-1]
         return dict(train_loss=float(vals[0]), valid_loss=float(vals[1]), accuracy=float(vals[2]))
+
+
+def GradsToNone() -> Any:  # noqa: N802 (a Callback class, made on demand so fastai loads lazily)
+    """Frees the gradients after the optimizer step, as torch's ``zero_grad(set_to_none=True)`` does.
+
+    fastai's optimizer zeroes them in place instead, so every backward adds into the old gradient tensors
+    rather than writing fresh ones: the "attnzoo, grads set to None" row measures what that costs.
+    """
+    from fastai.callback.core import Callback
+
+    class _GradsToNone(Callback):
+        order = 100
+
+        def after_step(self) -> None:
+            for p in self.learn.model.parameters():
+                p.grad = None
+
+    return _GradsToNone()
 
 
 class DataOnly:
@@ -276,7 +299,8 @@ def main() -> None:
                f"{len(dls.train)} + {len(dls.valid)} batches per epoch; {dls.train.fake_l.num_workers} workers")
     torch_loop = TorchLoop(dls, args, prec)
     loops: list[Any] = [torch_loop, FastaiLoop(dls, args), FastaiLoop(dls, args, rich=False),
-                        FastaiLoop(dls, args, torch_opt=True), DataOnly(dls)]
+                        FastaiLoop(dls, args, torch_opt=True), FastaiLoop(dls, args, grads_to_none=True),
+                        DataOnly(dls)]
     for loop in loops:  # warm-up: first allocations, the loader's first pass
         loop.fit(1)
     times: dict[str, list[float]] = defaultdict(list)
