@@ -114,20 +114,33 @@ def test_resume_refuses_changed_settings_and_finished_runs(reference, capsys):
 
 # --- numerical faults -------------------------------------------------------------------------------------------
 
-@register_attention("test-nan-after", kind="gate", summary="test only: NaN output at the 9th training forward")
-class NanAfter(nn.Module):
+class FaultAfter(nn.Module):
+    """A test-only gate that injects ``fault`` at its ``at``-th training forward (``calls`` counts them)."""
+
+    at = 0
     calls = 0
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(1))
 
+    def fault(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.device.type != "meta":
-            NanAfter.calls += 1
-            if NanAfter.calls == 9:
-                return x * float("nan")
+            type(self).calls += 1
+            if type(self).calls == self.at:
+                x = self.fault(x)
         return x * self.scale
+
+
+@register_attention("test-nan-after", kind="gate", summary="test only: NaN output at the 9th training forward")
+class NanAfter(FaultAfter):
+    at = 9
+
+    def fault(self, x: torch.Tensor) -> torch.Tensor:
+        return x * float("nan")
 
 
 def test_a_nan_loss_stops_training_naming_epoch_and_batch(data16, tmp_path):
@@ -259,19 +272,12 @@ def test_doctor_sees_a_fastai_that_does_not_accept_the_installed_torch(monkeypat
 
 
 @register_attention("test-sigint-after", kind="gate", summary="test only: sends SIGINT at the 8th training forward")
-class SigintAfter(nn.Module):
-    calls = 0
+class SigintAfter(FaultAfter):
+    at = 8
 
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.device.type != "meta":
-            SigintAfter.calls += 1
-            if SigintAfter.calls == 8:
-                os.kill(os.getpid(), signal.SIGINT)
-        return x * self.scale
+    def fault(self, x: torch.Tensor) -> torch.Tensor:
+        os.kill(os.getpid(), signal.SIGINT)
+        return x
 
 
 def test_ctrl_c_ends_the_batch_saves_and_says_how_to_resume(data16, tmp_path):
