@@ -81,6 +81,25 @@ def to_rgb(im: Any) -> Any:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+class ImageTooLarge(ValueError):
+    """An image over ``MAX_PIXELS``, refused from its header."""
+
+
+def _open_bounded(path: str | os.PathLike) -> Any:
+    """``Image.open(path)``, refused (``ImageTooLarge``) from the header when over ``MAX_PIXELS``: never decoded."""
+    from PIL import Image
+
+    try:
+        im = Image.open(path)
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"too large: over the {MAX_PIXELS:,}-pixel decompression-bomb limit") from None
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        im.close()
+        raise ImageTooLarge(f"too large: {w}x{h} pixels is over the {MAX_PIXELS:,}-pixel decompression-bomb limit")
+    return im
+
+
 def open_rgb(path: str | os.PathLike, size: int | None = None) -> Any:
     """Open an image file as RGB with its EXIF orientation applied; ``size``: JPEGs may be decoded at a
     reduced scale that is still at least ``size`` on both sides (the training resize follows)."""
@@ -88,14 +107,8 @@ def open_rgb(path: str | os.PathLike, size: int | None = None) -> Any:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(path)
-        except Image.DecompressionBombError:
-            raise ValueError(f"too large: over the {MAX_PIXELS:,}-pixel decompression-bomb limit") from None
+        im = _open_bounded(path)
     with im:
-        w, h = im.size
-        if w * h > MAX_PIXELS:
-            raise ValueError(f"too large: {w}x{h} pixels is over the {MAX_PIXELS:,}-pixel decompression-bomb limit")
         if size:
             im.draft("RGB", (size, size))
         return to_rgb(ImageOps.exif_transpose(im))
@@ -125,21 +138,18 @@ class ImageOpener:
 
 def check_image(path: Path) -> str | None:
     """Why ``path`` cannot be used as a training image, or None. Decodes it (JPEGs at 1/8 scale)."""
-    from PIL import Image
 
     try:
         if path.is_symlink() and not path.exists():
             return "broken symlink"
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"
-        with Image.open(path) as im:
+        with _open_bounded(path) as im:  # (scan_images silences PIL's warning around the threads)
             w, h = im.size
-            if w * h > MAX_PIXELS:
-                return f"too large: {w}x{h} pixels is over the {MAX_PIXELS:,}-pixel decompression-bomb limit"
             im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
             im.load()
-    except Image.DecompressionBombError:
-        return f"too large: over the {MAX_PIXELS:,}-pixel decompression-bomb limit"
+    except ImageTooLarge as e:
+        return str(e)
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, struct.error, zlib.error, ...)
         why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         return f"cannot be decoded: {why}"
