@@ -279,7 +279,7 @@ def fit(
         except KeyError:
             raise AttnzooError(f"{run_dir} was written by an attnzoo without resume support") from None
         return _fit(**{**s, "num_workers": num_workers if num_workers is not None else s.get("num_workers")},
-                    run_dir=run_dir, resume=True, console=console, on_data=on_data, on_epoch_table=on_epoch_table)
+                    run_dir=run_dir, resumed=config, console=console, on_data=on_data, on_epoch_table=on_epoch_table)
     if backbone is None:
         raise AttnzooError("fit needs a backbone (or resume=RUN)")
     return _fit(backbone=backbone, attn=attn, data=data, at=at, attn_options=attn_options, epochs=epochs, lr=lr,
@@ -287,7 +287,7 @@ def fit(
                 freeze_epochs=freeze_epochs, checkpoints=checkpoints, num_workers=num_workers, sync_bn=sync_bn,
                 compile=compile,
                 run_dir=distributed.broadcast(_new_run_dir(backbone, attn, out, runs_dir)),  # rank 0's name
-                resume=False, console=console, on_data=on_data, on_epoch_table=on_epoch_table)
+                resumed=None, console=console, on_data=on_data, on_epoch_table=on_epoch_table)
 
 
 def _new_run_dir(backbone: str, attn: str | None, out: str | None, runs_dir: str) -> Path:
@@ -316,8 +316,9 @@ def _phases(pretrained: bool, epochs: int, freeze_epochs: int, lr: float) -> lis
 def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: dict[str, Any] | None, epochs: int,
          lr: float | str | None, bs: int, img_size: int | None, pretrained: bool, weights: str | None,
          valid_pct: float, seed: int, freeze_epochs: int, checkpoints: bool, num_workers: int | None,
-         run_dir: Path, resume: bool, console: Any, on_data: Any, on_epoch_table: Any, sync_bn: bool = False,
-         compile: bool = False) -> Path:
+         run_dir: Path, resumed: dict[str, Any] | None, console: Any, on_data: Any, on_epoch_table: Any,
+         sync_bn: bool = False, compile: bool = False) -> Path:
+    """``resumed``: the run's ``attnzoo.json`` when continuing a run, else None."""
     import timm
     from fastai.callback.progress import ProgressCallback
     from fastai.torch_core import get_model, set_seed
@@ -329,6 +330,7 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
     from .registry import get_attention, parse_options
     from .run import WEIGHTS, Run, _atomic_write, save_run, write_config
 
+    resume = resumed is not None
     # everything a user can get wrong is checked before any data is touched
     check_backbone(backbone)
     attn = None if attn in (None, "none") else attn
@@ -360,7 +362,7 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
 
     set_seed(seed, reproducible=True)
     info = find_dataset(resolve_data(data, seed), valid_pct=valid_pct, seed=seed)
-    config: dict[str, Any] = json.loads((run_dir / "attnzoo.json").read_text()) if resume else {}
+    config: dict[str, Any] = dict(resumed or {})
     if resume and info.counts() != config["data"]["counts"]:
         raise AttnzooError(f"the data in {info.root} changed since {run_dir} started "
                            f"({config['data']['counts']} then, {info.counts()} now); cannot resume it exactly")
