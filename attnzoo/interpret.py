@@ -53,6 +53,31 @@ def load_batch(run: Run, paths: Sequence[str | Path]) -> torch.Tensor:
     return torch.stack([run.preprocess(run.load_image(p)) for p in paths])
 
 
+def show_attention(run: Run, images: Sequence[str | Path], out: str | Path | None = None,
+                   top: int = 3) -> list[tuple[Path, list[tuple[str, float]], Path]]:
+    """What ``attnzoo show-attention`` does: one PNG per image (the image, top predictions, every site's map).
+
+    ``out``: a ``.png`` file (one image) or a folder (default ``RUN/attention``). No file is written over:
+    see ``outputs.per_image_outputs``. Returns ``(image, top predictions, file written)`` per image."""
+    from .outputs import per_image_outputs
+
+    if top < 1:
+        raise AttnzooError(f"--top must be at least 1, got {top}")
+    images = [Path(p) for p in images]
+    for p in images:
+        if not p.is_file():
+            raise AttnzooError(f"image not found: {p}")
+    targets, fresh = per_image_outputs(images, out, Path(run.path or ".") / "attention")
+    probs, maps = run.predict(images)
+    tops = run.top(probs, top)
+    written = []
+    for i, (p, target) in enumerate(zip(images, targets)):
+        fig = viz.attention_figure(display_image(run, p), {k: v[i].numpy() for k, v in maps.items()}, tops[i],
+                                   title=f"{p.name}: {run.config.get('backbone')} + {run.config.get('attn')}")
+        written.append((p, tops[i], viz.save_new_figure(fig, target, fresh=fresh)))
+    return written
+
+
 def history_figure(rows: Sequence[dict[str, float]]) -> Any:
     """Train and valid loss per epoch, and the metrics on a second axis."""
     from matplotlib.ticker import MaxNLocator
@@ -456,6 +481,10 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
     progress = progress or _noop
     if run.path is None and out is None:
         raise AttnzooError("the run has no folder; pass out=DIR")
+    if out is not None and (run.path is None or Path(out).resolve() != Path(run.path).resolve()):
+        from .outputs import check_new_folder
+
+        check_new_folder(out)  # the run folder is attnzoo's own; any other holds nothing of the user's
     out = Path(out) if out is not None else Path(run.path)
     info = validation_set(run, data)
     paths = list(info.valid)

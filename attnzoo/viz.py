@@ -535,7 +535,24 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = DEFAULT_DPI) -> Path:
         out = out.with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi, bbox_inches="tight", pad_inches=0.08, facecolor="white")
+    _close(fig)
+    return out
+
+
+def _close(fig: Figure) -> None:
     plt = sys.modules.get("matplotlib.pyplot")
     if plt is not None:  # only pyplot-managed figures need closing
         plt.close(fig)
-    return out
+
+
+def save_new_figure(fig: Figure, path: str | Path, *, fresh: bool = True, dpi: int = DEFAULT_DPI) -> Path:
+    """Save ``fig`` under a name no file has yet (``outputs.write_new``), then close it; returns the name."""
+    from .outputs import write_new
+
+    out = Path(path)
+    fmt = out.suffix.lstrip(".").lower() or "png"
+    try:
+        return write_new(out if out.suffix else out.with_suffix(".png"), lambda tmp: fig.savefig(
+            tmp, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.08, facecolor="white"), fresh=fresh)
+    finally:
+        _close(fig)

@@ -57,3 +57,12 @@ def make_folder(root: Path, n: int = 8, size: int = 32) -> Path:
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_folder(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder trained for one epoch on ``tiny_folder`` (test_resnet + lpa-pc, 32 px)."""
+    import attnzoo
+
+    return attnzoo.fit("test_resnet", "lpa-pc", str(tiny_folder), pretrained=False, epochs=1, bs=8, img_size=32,
+                       out=str(tmp_path_factory.mktemp("runs") / "tiny"))

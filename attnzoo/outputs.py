@@ -1,0 +1,112 @@
+"""Files attnzoo writes outside its run folders (figures, charts): never over a file it did not create.
+
+A file is written to a temporary name and then hard-linked to its final name, which fails when that name
+exists: so even a file that appears between the check and the write is never replaced. A name picked by
+attnzoo (a default, or one per image in an output folder) moves on to ``NAME-2``, ``NAME-3``... when taken;
+a name the user gave (``--out FILE``) that exists is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import AttnzooError
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the user's umask (0o666 & ~umask), as ``open()`` would give it."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _numbered(path: Path, n: int) -> Path:
+    return path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+
+
+def write_new(path: str | os.PathLike, write: Callable[[Path], None], *, fresh: bool = True) -> Path:
+    """``write(tmp)``, then give it ``path``'s name without replacing anything; returns the name used.
+
+    ``fresh``: a taken name moves on to ``NAME-2.SUFFIX`` and so on; else it is an ``AttnzooError``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.chmod(tmp, file_mode())
+        n = 1
+        while True:
+            target = _numbered(path, n)
+            try:
+                os.link(tmp, target)
+                return target
+            except FileExistsError:
+                if not fresh:
+                    raise AttnzooError(f"{target} already exists; attnzoo does not write over files: "
+                                       f"choose another name") from None
+                n += 1
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_new_file(path: str | os.PathLike, what: str = "--out") -> Path:
+    """A file name the user gave for a new file: an error now, before any work, when it cannot be one."""
+    path = Path(path)
+    if path.is_dir():
+        raise AttnzooError(f"{what} {path} is a folder; give a file name")
+    if path.exists() or path.is_symlink():
+        raise AttnzooError(f"{what} {path} already exists; attnzoo does not write over files: choose a new name")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise AttnzooError(f"{what} {path}: {parent} is a file, not a folder")
+    return path
+
+
+def check_new_folder(path: str | os.PathLike, what: str = "--out") -> Path:
+    """A folder the user named for attnzoo's files: new, or existing and empty; never one holding files."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AttnzooError(f"{what} {path} is an existing file, not a folder; attnzoo does not write over files")
+    if path.is_dir() and any(path.iterdir()):
+        raise AttnzooError(f"{what} {path} already holds files; attnzoo writes only into a new or empty folder")
+    return path
+
+
+def per_image_outputs(images: Sequence[str | os.PathLike], out: str | os.PathLike | None,
+                      default_folder: Path, suffix: str = ".png") -> tuple[list[Path], bool]:
+    """Where the output for each input image goes, and whether those names may move on when taken.
+
+    ``out`` is a file (``x.png``, one image only) or a folder (default ``default_folder``), in which each
+    image gets ``<stem><suffix>``; images sharing a stem get ``-2``, ``-3``... so no output is written
+    twice. An output that would replace one of the inputs, or an ``out`` that is an existing file, is an
+    error before any work starts."""
+    images = [Path(p) for p in images]
+    inputs = {os.path.realpath(p) for p in images}
+    if out is not None and Path(out).suffix.lower() == suffix and not Path(out).is_dir():
+        if len(images) != 1:
+            raise AttnzooError(f"--out {out} is one file, for one image; give a folder for {len(images)} images")
+        target = check_new_file(out)
+        if os.path.realpath(target) in inputs:
+            raise AttnzooError(f"--out {out} is an input image; attnzoo does not write over files")
+        return [target], False
+    folder = Path(out) if out is not None else default_folder
+    if folder.exists() and not folder.is_dir():
+        raise AttnzooError(f"--out {folder} is an existing file, not a folder; attnzoo does not write over files")
+    targets: list[Path] = []
+    used: set[str] = set()
+    for p in images:
+        n, base = 1, folder / f"{p.stem}{suffix}"
+        while str(_numbered(base, n)) in used:
+            n += 1
+        target = _numbered(base, n)
+        used.add(str(target))
+        if os.path.realpath(target) in inputs:
+            raise AttnzooError(f"--out {folder} would put {target.name} over the input image {target}; "
+                               f"choose another folder")
+        targets.append(target)
+    return targets, True
