@@ -171,28 +171,22 @@ def show_attention(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     run: Annotated[Path | None, typer.Option(help="Run folder (default: the newest under ./runs).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output PNG (one image) or folder (default: next to the run, "
-                                                  "attention/<image>.png).")] = None,
+                                                  "attention/<image>.png); existing files are never replaced.")]
+    = None,
     top: Annotated[int, typer.Option(help="Predictions to show.")] = 3,
 ) -> None:
     """Predict IMAGES and write one PNG each: the image, top predictions and every site's attention map."""
-    from . import viz
-    from .interpret import display_image
+    from .interpret import show_attention as show
+    from .outputs import per_image_outputs
+    from .run import latest_run, load_run
 
-    r, tops, maps = _predict(images, run, top)
-    console = _console()
-    if out is not None and out.suffix.lower() == ".png" and len(images) == 1:
-        targets = [out]
-    else:
-        folder = out if out is not None else r.path / "attention"
-        targets = [folder / f"{p.stem}.png" for p in images]
-    rows = []
-    for i, (p, target) in enumerate(zip(images, targets)):
-        fig = viz.attention_figure(display_image(r, p), {k: v[i].numpy() for k, v in maps.items()}, tops[i],
-                                   title=f"{p.name}: {r.config.get('backbone')} + {r.config.get('attn')}")
-        viz.save_figure(fig, target)
-        rows.append([p.name, *(f"{c} {pr:.1%}" for c, pr in tops[i]), str(target)])
-    cols = ["image", *(f"#{k + 1}" for k in range(len(tops[0]))), "written"]
-    console.print(_table(f"predictions ({r.path})", cols, rows))
+    run_dir = run if run is not None else latest_run()
+    per_image_outputs(images, out, run_dir / "attention")  # a bad --out fails before the model loads
+    r = load_run(run_dir)
+    written = show(r, images, out, top)
+    cols = ["image", *(f"#{k + 1}" for k in range(len(written[0][1]))), "written"]
+    rows = [[str(p), *(f"{c} {pr:.1%}" for c, pr in t), str(target)] for p, t, target in written]
+    _console().print(_table(f"predictions ({r.path})", cols, rows))
 
 
 @app.command()
@@ -346,15 +340,19 @@ def interpret(
 @app.command()
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run folders.")],
-    out: Annotated[Path, typer.Option(help="Bar chart PNG.")] = Path("compare.png"),
+    out: Annotated[Path | None, typer.Option(help="Bar chart PNG, a new file (default: compare.png, or "
+                                                  "compare-2.png... when taken).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Compare RUNS side by side: accuracy, loss, size, speed and localisation scores; writes a bar chart."""
     from . import viz
     from .interpret import compare_figure, compare_runs
+    from .outputs import check_new_file
 
+    if out is not None:
+        check_new_file(out)
     rows = compare_runs(runs)
-    written = viz.save_figure(compare_figure(rows), out)
+    written = viz.save_new_figure(compare_figure(rows), out or Path("compare.png"), fresh=out is None)
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
