@@ -15,7 +15,11 @@ keeps the whole image, so object boxes map straight onto attention maps).
 Every file in a class folder is checked before training (``scan_images``: decoded in parallel threads, JPEGs
 at 1/8 scale): files that are empty, not images, cannot be decoded, are broken symlinks or are over the
 decompression-bomb limit are left out and listed in ``DatasetInfo.skipped``. Symlinked files are followed;
-symlinked folders inside a class folder are not (no loops).
+symlinked folders inside a class folder are not, and a symlinked class folder that leads back into the data
+folder is refused (no loops). Hidden and system folders (``.ipynb_checkpoints``, ``__MACOSX``, any dot-folder)
+and attnzoo's own run folders (any folder holding ``attnzoo.json``, and folders of them such as ``runs/``) are
+never read as data; ``DatasetInfo.warnings`` says what was ignored. Split folder names that differ only in
+case (``Train/`` beside ``train/``) are an error naming them.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from .errors import AttnzooError
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 VALID_NAMES = ("valid", "val", "validation", "test")
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold; larger images are refused, never decoded
+RUN_MARKER = "attnzoo.json"  # the file that makes a folder an attnzoo run folder (run.CONFIG)
+SYSTEM_DIRS = {"__macosx", "__pycache__", "@eadir", "$recycle.bin", "system volume information", "lost+found"}
+SPLIT_NAMES = ("train", *VALID_NAMES, "seg_train", "seg_test")
 
 
 @dataclass
@@ -55,9 +62,38 @@ class DatasetInfo:
             out[split] = {k: c.get(k, 0) for k in self.classes}
         return out
 
+    def fingerprint(self) -> str:
+        """A digest of which file (path under the root and content) is in which class and split: a move, a
+        swap of two folders' contents, an edit, an addition or a removal changes it. Files are hashed in
+        parallel threads (about as costly as the decode check before training)."""
+        import hashlib
+        from concurrent.futures import ThreadPoolExecutor
+
+        def digest(p: Path) -> bytes:
+            h = hashlib.sha256()
+            try:
+                with open(p, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+            except OSError as e:
+                h.update(f"unreadable: {e.errno}".encode())
+            return h.digest()
+
+        rows = [(split, p) for split, items in (("train", self.train), ("valid", self.valid)) for p in sorted(items)]
+        with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) * 2)) as pool:
+            digests = list(pool.map(digest, [p for _, p in rows]))
+        h = hashlib.sha256()
+        for (split, p), d in zip(rows, digests):
+            try:
+                rel = os.fsencode(Path(p).relative_to(self.root))
+            except ValueError:
+                rel = os.fsencode(p)
+            h.update(b"\0".join([split.encode(), os.fsencode(self.label(p)), rel, d]) + b"\n")
+        return h.hexdigest()
+
     def to_dict(self) -> dict[str, Any]:
         return {"root": str(self.root), "layout": self.layout, "classes": self.classes, "counts": self.counts(),
-                "skipped": len(self.skipped), "warnings": self.warnings}
+                "fingerprint": self.fingerprint(), "skipped": len(self.skipped), "warnings": self.warnings}
 
 
 def to_rgb(im: Any) -> Any:
@@ -175,13 +211,59 @@ def scan_images(paths: list[Path], workers: int | None = None) -> dict[Path, str
     return {p: r for p, r in zip(paths, reasons) if r is not None}
 
 
+def _is_run_folder(d: Path) -> bool:
+    return (d / RUN_MARKER).is_file()
+
+
+def _ignored_dir(d: Path) -> str | None:
+    """Why folder ``d`` is not data, or None: hidden, a system folder, or attnzoo's own output."""
+    if d.name.startswith(".") or d.name.lower() in SYSTEM_DIRS:
+        return "hidden or system folder"
+    if _is_run_folder(d):
+        return "an attnzoo run folder"
+    try:
+        if any(c.is_dir() and _is_run_folder(c) for c in d.iterdir()):
+            return "holds attnzoo run folders"
+    except OSError:
+        return None
+    return None
+
+
 def _files(folder: Path) -> list[Path]:
-    """Every non-folder entry under ``folder`` (symlinked files included, broken ones too)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() or (p.is_symlink() and not p.exists()))
+    """Every non-folder entry under ``folder`` (symlinked files included, broken ones too); symlinked,
+    hidden, system and run folders are not entered."""
+    found = []
+    for top, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if _ignored_dir(Path(top) / d) is None]
+        for name in files:
+            p = Path(top) / name
+            if p.is_file() or (p.is_symlink() and not p.exists()):
+                found.append(p)
+    return sorted(found)
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+def _class_dirs(folder: Path, ignored: dict[str, str] | None = None) -> list[Path]:
+    """The subfolders of ``folder`` that hold data; the others go to ``ignored`` ({name: why}). A symlinked
+    folder that leads back to ``folder`` or above it, or to the same place as another, is refused."""
+    out, targets = [], {}
+    for d in sorted(folder.iterdir()):
+        if not d.is_dir():
+            continue
+        why = _ignored_dir(d)
+        if why is not None:
+            if ignored is not None:
+                ignored[d.name] = why
+            continue
+        real = d.resolve()
+        if d.is_symlink() and folder.resolve().is_relative_to(real):
+            raise AttnzooError(f"{d} is a symlink to {real}, which holds the data folder itself: a loop; "
+                               f"remove the link or point --data elsewhere")
+        if real in targets:
+            raise AttnzooError(f"{d} and {targets[real]} are the same folder ({real}) through a symlink: "
+                               f"its images would count twice; remove one")
+        targets[real] = d
+        out.append(d)
+    return out
 
 
 def _labelled(folder: Path, labels: dict[Path, str], skipped: list[tuple[Path, str]], empty: list[str]) -> list[Path]:
@@ -219,7 +301,8 @@ def find_dataset(path: str | os.PathLike, valid_pct: float = 0.2, seed: int = 0,
     skipped: list[tuple[Path, str]] = []
     empty: list[str] = []
     labels: dict[Path, str] = {}
-    subdirs = {d.name.lower(): d for d in _class_dirs(root)}
+    ignored: dict[str, str] = {}
+    subdirs = _split_dirs(_class_dirs(root, ignored))
     if "seg_train" in subdirs:
         train_dir = subdirs["seg_train"]
         train_dir = train_dir / "seg_train" if (train_dir / "seg_train").is_dir() else train_dir
@@ -229,8 +312,11 @@ def find_dataset(path: str | os.PathLike, valid_pct: float = 0.2, seed: int = 0,
         layout, class_root = "intel", train_dir
         train = _labelled(train_dir, labels, skipped, empty)
         valid = _labelled(test_dir, labels, skipped, []) if test_dir else []
-    elif "train" in subdirs:
+    elif "train" in subdirs and _class_dirs(subdirs["train"]):  # a flat set may have a class called 'train'
         valid_dir = next((subdirs[n] for n in VALID_NAMES if n in subdirs), None)
+        unused = [subdirs[n].name for n in VALID_NAMES if n in subdirs and subdirs[n] != valid_dir]
+        if unused:
+            ignored.update({n: f"not used: {valid_dir.name}/ is the validation split" for n in unused})
         layout, class_root = "train/valid", subdirs["train"]
         train = _labelled(subdirs["train"], labels, skipped, empty)
         valid = _labelled(valid_dir, labels, skipped, []) if valid_dir else []
@@ -243,7 +329,8 @@ def find_dataset(path: str | os.PathLike, valid_pct: float = 0.2, seed: int = 0,
         train = [p for p in train if p not in bad]
         valid = [p for p in valid if p not in bad]
     skipped.sort()
-    notes = [f"class folder '{name}' has no images: left out" for name in empty]
+    notes = [f"ignored folder '{name}/' ({why})" for name, why in ignored.items()]
+    notes += [f"class folder '{name}' has no images: left out" for name in empty]
     if not train:
         why = f" ({len(skipped)} files skipped as unusable)" if skipped else ""
         raise AttnzooError(f"no usable images found in class subfolders of {class_root}{why}")
@@ -262,6 +349,18 @@ def find_dataset(path: str | os.PathLike, valid_pct: float = 0.2, seed: int = 0,
     notes += [f"class '{c}' has no training images (only validation ones)" for c in classes if not counts.get(c)]
     return DatasetInfo(root, layout, classes, train, valid, [(str(p), r) for p, r in skipped], notes,
                        {p: labels[p] for p in train + valid})
+
+
+def _split_dirs(dirs: list[Path]) -> dict[str, Path]:
+    """``{lower-case name: folder}``; split names (train, valid, ...) that differ only in case are an error."""
+    out: dict[str, Path] = {}
+    for d in dirs:
+        key = d.name.lower()
+        if key in out and key in SPLIT_NAMES:
+            raise AttnzooError(f"the data folder has both '{out[key].name}/' and '{d.name}/': which one is the "
+                               f"{key} split is ambiguous; merge them or rename one")
+        out.setdefault(key, d)
+    return out
 
 
 def _random_split(items: list[Path], labels: dict[Path, str], valid_pct: float,
@@ -284,6 +383,8 @@ def _random_split(items: list[Path], labels: dict[Path, str], valid_pct: float,
 
 def resolve_data(data: str, seed: int = 0) -> Path:
     """``demo`` -> the cached demo set (generated on first use); anything else is a path."""
+    if not isinstance(data, str) or not data.strip():
+        raise AttnzooError("--data is empty: give an image folder, or 'demo' for the built-in set")
     if data == "demo":
         from .demo import make_demo
 

@@ -366,6 +366,9 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
     if resume and info.counts() != config["data"]["counts"]:
         raise AttnzooError(f"the data in {info.root} changed since {run_dir} started "
                            f"({config['data']['counts']} then, {info.counts()} now); cannot resume it exactly")
+    if resume and config["data"].get("fingerprint", info.fingerprint()) != info.fingerprint():  # older runs: counts
+        raise AttnzooError(f"the data in {info.root} changed since {run_dir} started (files were added, removed "
+                           f"or moved between classes, with the same counts); cannot resume it exactly")
     if on_data is not None:
         on_data(info, run_dir)
     if info.skipped and not resume and distributed.is_main():
