@@ -239,14 +239,28 @@ class StopOnSignal(Callback):
 
 
 class NanGuard(Callback):
-    """Stops training at a NaN/inf training loss. The check runs on the device and is read back every
-    ``every`` batches and at the end of each epoch, so it adds no host-device sync per batch."""
+    """Stops training when a number goes bad: a NaN/inf training loss (checked on the device and read back every
+    ``every`` batches and at the end of each epoch, so no host-device sync per batch), or a NaN/inf validation
+    loss or metric at the end of an epoch (before that epoch is checkpointed, so ``best`` and ``last`` stay
+    finite). Each attention module's output is watched too (on the device): when one turned finite features
+    into NaN/inf, ``failure`` names it."""
 
     order = 1
 
     def __init__(self, epoch_offset: int = 0, every: int = 16) -> None:
         self.offset, self.every = epoch_offset, every
-        self.failure: tuple[int, int, float] | None = None  # (epoch, batch), 1-based
+        self.failure: str | None = None  # what went bad, where (epochs and batches 1-based)
+        self.blamed: list[str] = []  # attention modules whose output went bad on finite input
+        self._watch: list[_FiniteWatch] = []
+
+    def before_fit(self) -> None:
+        model = get_model(self.learn.model)
+        named = getattr(model, "named_attention_modules", lambda: [])()
+        self._watch = [_FiniteWatch(label, module) for label, module in named]
+
+    def after_fit(self) -> None:
+        for w in self._watch:
+            w.remove()
 
     def before_epoch(self) -> None:
         self._first_bad: torch.Tensor | None = None
@@ -261,14 +275,60 @@ class NanGuard(Callback):
         if (self.iter + 1) % self.every == 0:
             self._check()
 
+    def _fail(self, what: str) -> None:
+        self.blamed = [w.label for w in self._watch if w.fired()]
+        if self.blamed:
+            what += f"; {' and '.join(self.blamed)} turned finite features into NaN/inf"
+        self.failure = what
+        raise CancelFitException
+
     def _check(self) -> None:
         index = -1 if self._first_bad is None else int(self._first_bad)
         if distributed.is_distributed():  # every process checks at the same batches; the earliest bad one counts
             index = distributed.all_reduce_int(index if index >= 0 else 2**62, "min")
             index = -1 if index == 2**62 else index
         if index >= 0:
-            self.failure = (self.offset + self.epoch + 1, index + 1)
-            raise CancelFitException
+            self._fail(f"the training loss became NaN/inf at epoch {self.offset + self.epoch + 1}, batch {index + 1}")
 
     def after_train(self) -> None:
         self._check()
+
+    def after_epoch(self) -> None:
+        # the Recorder (a later order) has not filed this epoch yet; its log holds the validation numbers
+        log = list(getattr(self.recorder, "log", [])[1:])
+        names = list(self.recorder.metric_names[1:-1])
+        bad = [f"{n} {v}" for n, v in zip(names, log) if isinstance(v, (int, float)) and not math.isfinite(v)]
+        if bad:  # validation numbers are gathered over every process, so all of them stop here together
+            self._fail(f"{', '.join(bad)} at epoch {self.offset + self.epoch + 1}")
+
+
+class _FiniteWatch:
+    """A forward hook flagging, on the device, a module whose output is NaN/inf while its input is finite."""
+
+    def __init__(self, label: str, module: torch.nn.Module) -> None:
+        self.label, self.flag = label, None
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, _module: Any, inputs: Any, output: Any) -> None:
+        flat_in = [t for t in _tensors(inputs) if t.is_floating_point()]
+        flat_out = [t for t in _tensors(output) if t.is_floating_point()]
+        if not flat_out:
+            return
+        with torch.no_grad():
+            ok_in = torch.stack([torch.isfinite(t).all() for t in flat_in]).all() if flat_in else True
+            bad = torch.stack([~torch.isfinite(t).all() for t in flat_out]).any() & ok_in
+            self.flag = bad if self.flag is None else self.flag | bad
+
+    def fired(self) -> bool:
+        return self.flag is not None and bool(self.flag)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
