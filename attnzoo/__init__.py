@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from . import plugins as _plugins  # noqa: F401  (installs the entry-point finder into the registry)
 from .errors import AttnzooError, SiteError, UnknownNameError
 from .registry import (
     PLUGIN_API_VERSION,

@@ -4,17 +4,23 @@ An entry is a module class plus what a program needs to know about it: its kind 
 ``readout``), a one-line summary, and its options (keyword arguments with defaults, types and, for
 ``Literal`` annotations, the allowed choices) read from the constructor's signature. Importing this
 file does not import torch, so ``attnzoo --help`` stays fast.
+
+The registry is a store: it never imports plugins. A name it does not hold is asked of a finder
+(``set_finder``; ``attnzoo.plugins`` installs its plugin manager), which puts what provides the name
+into the store.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import inspect
+import threading
 import typing
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from .errors import AttnzooError, UnknownNameError
 
@@ -94,6 +100,41 @@ class AttentionSpec:
 
 
 _registry: dict[str, AttentionSpec] = {}
+#: per thread: while set, registrations go into this dict instead of the registry (see ``capturing``)
+_capture = threading.local()
+
+
+class Finder(Protocol):
+    """Supplies the names the store does not hold (``attnzoo.plugins.PluginManager``)."""
+
+    def find(self, name: str) -> AttentionSpec | None:
+        """Make ``name`` known (it may add entries to the store) and return its spec, or None."""
+
+    def find_all(self) -> None:
+        """Make every name known, before a listing."""
+
+
+_finder: Finder | None = None
+
+
+def set_finder(finder: Finder | None) -> None:
+    global _finder
+    _finder = finder
+
+
+@contextmanager
+def capturing() -> Iterator[dict[str, AttentionSpec]]:
+    """Registrations made on this thread inside go into the yielded dict, not the registry.
+
+    Plugin discovery imports plugins this way: what a plugin registers as a side effect reaches the
+    registry only if discovery puts it there.
+    """
+    saved = getattr(_capture, "specs", None)
+    _capture.specs = {}
+    try:
+        yield _capture.specs
+    finally:
+        _capture.specs = saved
 
 #: keyword a gate may accept that the host fills with the site's map size (h, w); never a user option
 FEAT_SIZE = "feat_size"
@@ -162,12 +203,15 @@ def register_attention(
     def decorator(cls: Callable[..., Any]) -> Callable[..., Any]:
         options = {k: v for k, v in options_of(cls, kind).items() if k not in defaults}
         spec = AttentionSpec(name, cls, kind, summary, options, paper, source, dict(defaults))
-        old = _registry.get(name)
-        if old is not None and (old.cls is not cls or old.defaults != spec.defaults):
-            warnings.warn(
-                f"attention '{name}' from {old.source} is overwritten by {source}", stacklevel=2
-            )
-        _registry[name] = spec
+        store = getattr(_capture, "specs", None)
+        if store is None:
+            store = _registry
+            old = _registry.get(name)
+            if old is not None and (old.cls is not cls or old.defaults != spec.defaults):
+                warnings.warn(
+                    f"attention '{name}' from {old.source} is overwritten by {source}", stacklevel=2
+                )
+        store[name] = spec
         specs = dict(getattr(cls, "__attnzoo_specs__", {}))
         specs[name] = spec
         cls.__attnzoo_specs__ = specs
@@ -176,25 +220,14 @@ def register_attention(
     return decorator
 
 
-def _ensure_loaded() -> None:
-    from .plugins import discover
-
-    discover()
-
-
 def get_attention(name: str) -> AttentionSpec:
     """The registry entry for ``name``; raises UnknownNameError with the closest names."""
-    if name not in _registry:
-        _ensure_loaded()
-    try:
-        return _registry[name]
-    except KeyError:
-        from .plugins import resolve_qualified
-
-        spec = resolve_qualified(name)
-        if spec is not None:
-            return spec
-        raise UnknownNameError("attention module", name, _registry) from None
+    spec = _registry.get(name)
+    if spec is None and _finder is not None:
+        spec = _finder.find(name)
+    if spec is None:
+        raise UnknownNameError("attention module", name, _registry)
+    return spec
 
 
 def is_attention(name: str) -> bool:
@@ -207,7 +240,8 @@ def is_attention(name: str) -> bool:
 
 def list_attention(pattern: str = "*", kind: Kind | None = None) -> list[str]:
     """Registered names matching a shell-style wildcard, sorted; optionally only one kind."""
-    _ensure_loaded()
+    if _finder is not None:
+        _finder.find_all()
     return sorted(
         n
         for n, s in _registry.items()

@@ -43,15 +43,16 @@ class MeanGate(nn.Module):
         return x * m
 '''
 
-Install = Callable[..., dict[str, plugins.PluginStatus]]
+Install = Callable[..., None]
 
 
 @pytest.fixture
 def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Install]:
-    """``install(dist, {entry point: target}, module=source, ...)`` makes a distribution and rediscovers."""
+    """``install(dist, {entry point: target}, module=source, ...)`` makes a distribution and forgets what was
+    discovered; nothing is imported until a name is used or listed."""
     saved = dict(registry._registry)
     written: set[str] = set()
-    for var in ("ATTNZOO_DISABLE_PLUGINS", "ATTNZOO_RAISE_PLUGIN_ERRORS"):
+    for var in ("ATTNZOO_DISABLE_PLUGINS", "ATTNZOO_RAISE_PLUGIN_ERRORS", "ATTNZOO_PLUGIN_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
 
@@ -65,7 +66,7 @@ def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Install
             (tmp_path / f"{module}.py").write_text(dedent(source))
             written.add(module)
         importlib.invalidate_caches()
-        return plugins.discover(refresh=True)
+        plugins.refresh()
 
     yield make
     monkeypatch.undo()  # sys.path and the environment first, so the rediscovery below sees the real world
@@ -73,7 +74,7 @@ def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Install
         sys.modules.pop(module, None)
     registry._registry.clear()
     registry._registry.update(saved)
-    plugins.discover(refresh=True)
+    plugins.refresh()
 
 
 def _status(dist: str) -> plugins.PluginStatus:
@@ -184,8 +185,9 @@ def test_a_plugin_for_this_api_version_loads(install: Install):
 
 def test_raise_plugin_errors_reraises(install: Install, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("ATTNZOO_RAISE_PLUGIN_ERRORS", "1")
+    install("fake-raise", {"fake-raise": "fake_raise:Gate"}, fake_raise="raise ImportError('needs libfoo')")
     with pytest.raises(ImportError, match="needs libfoo"):
-        install("fake-raise", {"fake-raise": "fake_raise:Gate"}, fake_raise="raise ImportError('needs libfoo')")
+        attnzoo.list_attention()
 
 
 @pytest.mark.parametrize("value", ["1", "fake-off", "Fake_Off", "other,fake-off-gate"])
@@ -204,7 +206,7 @@ def test_an_uninstalled_plugin_is_gone_after_a_refresh(install: Install, tmp_pat
     assert "fake-gone" in attnzoo.list_attention()
     sys.path.remove(str(tmp_path))
     importlib.invalidate_caches()
-    plugins.discover(refresh=True)
+    plugins.refresh()
     assert "fake-gone" not in attnzoo.list_attention()
     assert BUILTINS <= set(attnzoo.list_attention())
 
