@@ -276,7 +276,8 @@ def plugins(
         return
     rows = []
     for st in statuses:
-        color = {"ok": "green", "failed": "red", "conflicting": "yellow", "disabled": "dim"}.get(st.status, "white")
+        color = {"ok": "green", "failed": "red", "tampered": "red", "conflicting": "yellow",
+                 "disabled": "dim"}.get(st.status, "white")
         status = f"[{color}]{st.status}[/]" + (f": {escape(st.reason)}" if st.reason else "")
         rows.append([escape(st.dist), escape(st.version), escape(", ".join(st.names)) or "-", status])
     _console().print(_table("attention plugins (entry point group attnzoo.attention)",
@@ -399,8 +400,8 @@ def doctor(
         raise typer.Exit(1)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, turning errors into one line and an exit code."""
+def _run_app(argv: list[str] | None = None) -> None:
+    """Run the app, turning errors into one line and an exit code."""
     import warnings
 
     import click
@@ -436,6 +437,24 @@ def main(argv: list[str] | None = None) -> None:
     # escaped: messages quote paths and library errors, e.g. gloo's "[/path/pair.cc:561] Connection closed"
     _console(stderr=True).print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
     sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app; a thread a plugin left running does not keep the command alive."""
+    try:
+        _run_app(argv)
+    except SystemExit as e:
+        from .plugins import manager
+
+        strays = manager.stray_threads()
+        if strays:  # a started thread cannot be made a daemon: the only way out without waiting is _exit
+            names = ", ".join(repr(t.name) for t in strays)
+            _console(stderr=True).print(f"[yellow]warning:[/] not waiting for thread(s) {names} that a plugin "
+                                        "started; see 'attnzoo plugins'", soft_wrap=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code if isinstance(e.code, int) else 0 if e.code is None else 1)
+        raise
 
 
 if __name__ == "__main__":
