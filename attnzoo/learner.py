@@ -8,7 +8,6 @@ pretrained body stays fixed; fastai's default splitter would freeze the attentio
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ from fastai.optimizer import Adam
 from . import distributed
 from .errors import AttnzooError, Interrupted, TrainingFailed
 from .model import AttentionModel, create_model
+from .run import RunFolder
 
 log = logging.getLogger("attnzoo")
 
@@ -268,42 +268,54 @@ def fit(
 
     distributed.setup()  # first: pins this process's GPU before anything lands on one
     if resume is not None:
-        run_dir = Path(resume)
+        folder = RunFolder(resume)
+        run_dir = folder.path
         if not (run_dir / CONFIG).is_file():
             raise AttnzooError(f"--resume needs a run folder (with {CONFIG}): {run_dir}")
-        config = json.loads((run_dir / CONFIG).read_text())
+        config = folder.read_config()
         if config.get("status") == "done":
             raise AttnzooError(f"{run_dir} already finished training; nothing to resume")
         try:
             s = dict(config["request"])
         except KeyError:
             raise AttnzooError(f"{run_dir} was written by an attnzoo without resume support") from None
+        if distributed.is_main():
+            folder.clean_temporaries()  # what a killed run left half-written
         return _fit(**{**s, "num_workers": num_workers if num_workers is not None else s.get("num_workers")},
-                    run_dir=run_dir, resumed=config, console=console, on_data=on_data, on_epoch_table=on_epoch_table)
+                    folder=folder, resumed=config, console=console, on_data=on_data, on_epoch_table=on_epoch_table)
     if backbone is None:
         raise AttnzooError("fit needs a backbone (or resume=RUN)")
-    return _fit(backbone=backbone, attn=attn, data=data, at=at, attn_options=attn_options, epochs=epochs, lr=lr,
-                bs=bs, img_size=img_size, pretrained=pretrained, weights=weights, valid_pct=valid_pct, seed=seed,
-                freeze_epochs=freeze_epochs, checkpoints=checkpoints, num_workers=num_workers, sync_bn=sync_bn,
-                compile=compile,
-                run_dir=distributed.broadcast(_new_run_dir(backbone, attn, out, runs_dir)),  # rank 0's name
-                resumed=None, console=console, on_data=on_data, on_epoch_table=on_epoch_table)
+    folder = _new_run_dir(backbone, attn, out, runs_dir)
+    try:
+        return _fit(backbone=backbone, attn=attn, data=data, at=at, attn_options=attn_options, epochs=epochs, lr=lr,
+                    bs=bs, img_size=img_size, pretrained=pretrained, weights=weights, valid_pct=valid_pct, seed=seed,
+                    freeze_epochs=freeze_epochs, checkpoints=checkpoints, num_workers=num_workers, sync_bn=sync_bn,
+                    compile=compile, folder=folder, resumed=None, console=console, on_data=on_data,
+                    on_epoch_table=on_epoch_table)
+    except BaseException:
+        folder.release()  # a run that stopped before writing its attnzoo.json leaves no folder behind
+        raise
 
 
-def _new_run_dir(backbone: str, attn: str | None, out: str | None, runs_dir: str) -> Path:
-    if out is not None:
-        path = Path(out)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise AttnzooError(f"--out {path} already exists and is not empty; choose another folder "
-                               f"(or continue that run with --resume {path})")
-        return path
-    label = (attn or "none").replace(":", "_")  # a qualified plugin name (dist:name) must not put ':' in a path
-    base = Path(runs_dir) / f"{backbone}-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+def _new_run_dir(backbone: str, attn: str | None, out: str | None, runs_dir: str) -> RunFolder:
+    """The new run's folder, claimed by rank 0 (``out``, or a fresh ``runs_dir/<backbone>-<attn>-<time>[-N]``);
+    the other processes of a launch get its name, or its error."""
+    if not distributed.is_main():
+        claimed = distributed.broadcast(None)
+        if isinstance(claimed, str):
+            raise AttnzooError(claimed)
+        return RunFolder(claimed)
+    try:
+        if out is not None:
+            folder = RunFolder.claim(out)
+        else:
+            label = (attn or "none").replace(":", "_")  # a qualified plugin name (dist:name): no ':' in a path
+            folder = RunFolder.claim_new(Path(runs_dir) / f"{backbone}-{label}-{time.strftime('%Y%m%d-%H%M%S')}")
+    except AttnzooError as e:
+        distributed.broadcast(str(e))
+        raise
+    distributed.broadcast(folder.path)
+    return folder
 
 
 def _phases(pretrained: bool, epochs: int, freeze_epochs: int, lr: float) -> list[tuple[bool, int, Any]]:
@@ -316,7 +328,7 @@ def _phases(pretrained: bool, epochs: int, freeze_epochs: int, lr: float) -> lis
 def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: dict[str, Any] | None, epochs: int,
          lr: float | str | None, bs: int, img_size: int | None, pretrained: bool, weights: str | None,
          valid_pct: float, seed: int, freeze_epochs: int, checkpoints: bool, num_workers: int | None,
-         run_dir: Path, resumed: dict[str, Any] | None, console: Any, on_data: Any, on_epoch_table: Any,
+         folder: RunFolder, resumed: dict[str, Any] | None, console: Any, on_data: Any, on_epoch_table: Any,
          sync_bn: bool = False, compile: bool = False) -> Path:
     """``resumed``: the run's ``attnzoo.json`` when continuing a run, else None."""
     import timm
@@ -328,9 +340,10 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
     from .data import find_dataset, image_dataloaders, resolve_data
     from .model import _introspect, check_backbone, default_img_size, resolve_sites
     from .registry import get_attention, parse_options
-    from .run import WEIGHTS, Run, _atomic_write, save_run, write_config
+    from .run import SKIPPED, WEIGHTS, Run
 
     resume = resumed is not None
+    run_dir = folder.path
     # everything a user can get wrong is checked before any data is touched
     check_backbone(backbone)
     attn = None if attn in (None, "none") else attn
@@ -373,7 +386,7 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
         on_data(info, run_dir)
     if info.skipped and not resume and distributed.is_main():
         log.warning("skipped %d files that cannot be used; the list is in %s", len(info.skipped),
-                    run_dir / "skipped.txt")
+                    run_dir / SKIPPED)
     cfg = timm.models.get_pretrained_cfg(backbone)
     mean, std = tuple(cfg.mean), tuple(cfg.std)
     dls = image_dataloaders(info, img_size=img_size, bs=bs, mean=mean, std=std, seed=seed, num_workers=num_workers)
@@ -408,11 +421,9 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
             skipped=[dict(path=p, reason=r) for p, r in info.skipped], warnings=info.warnings, request=request,
         )
     if not resume and distributed.is_main():  # rank 0 writes the run folder
-        run_dir.mkdir(parents=True, exist_ok=True)
         if info.skipped:
-            lines = "".join(f"{p}\t{r}\n" for p, r in info.skipped)
-            _atomic_write(run_dir / "skipped.txt", lambda tmp: tmp.write_text("path\treason\n" + lines))
-        write_config(run_dir, config)
+            folder.write_skipped(info.skipped)
+        folder.write_config(config)
 
     phases = _phases(learn.attnzoo["pretrained"], epochs, freeze_epochs, lr)
     done = int(state.get("epoch", 0))
@@ -454,8 +465,8 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
         stop.uninstall()
         if distributed.is_main():
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            write_config(run_dir, {**config, "status": status, "metrics": {"per_epoch": history.rows},
-                                   "error": f"{type(e).__name__}: {e}"})
+            folder.write_config({**config, "status": status, "metrics": {"per_epoch": history.rows},
+                                 "error": f"{type(e).__name__}: {e}"})
         raise
     stop.uninstall()
     if on_epoch_table is not None:
@@ -464,16 +475,15 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
     epochs_done = len(history.rows)
     if failure is not None:
         if distributed.is_main():
-            write_config(run_dir, {**config, "status": "failed", "best": best,
-                                   "metrics": {"per_epoch": history.rows}, "error": f"NaN/inf loss at {failure}"})
+            folder.mark_failed({**config, "best": best, "metrics": {"per_epoch": history.rows}},
+                               f"NaN/inf loss at {failure}")
         kept = (f"; the last good checkpoint (epoch {epochs_done}) is {run_dir / ck.LAST}"
                 if epochs_done and checkpoints else "")
         raise TrainingFailed(f"the training loss became NaN/inf at epoch {failure[0]}, batch {failure[1]}: "
                              f"training stopped{kept}. Try a lower --lr.")
     if stop.signum is not None:
         if distributed.is_main():
-            save_run(run_dir, get_model(learn.model), {**config, "status": "interrupted", "best": best},
-                     history.rows)
+            folder.save(get_model(learn.model), {**config, "status": "interrupted", "best": best}, history.rows)
         name = signal.Signals(stop.signum).name
         if epochs_done and checkpoints:
             how = (f"resume with: attnzoo fit --resume {run_dir} (continues after epoch {epochs_done}; "
@@ -485,7 +495,16 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
     config = {**config, "status": "done", "best": best, "distributed": training.summary()}
     if distributed.is_main():
         with distributed.alone():  # fastai must not gather now: rank 0 finishes the run folder by itself
-            save_run(run_dir, learn.model, config, history.rows)
+            try:
+                folder.save(learn.model, config, history.rows)
+            except OSError as e:  # disk full, say: the trained model is still in the last checkpoint
+                resume = f"attnzoo fit --resume {run_dir}" if checkpoints else None
+                reason = f"cannot save the trained model: {e.strerror or e}"
+                with contextlib.suppress(OSError):  # the disk may be too full for this too; the message says it
+                    folder.mark_failed({**config, "metrics": {"per_epoch": history.rows}}, reason, resume)
+                how = f"fix that, then resume with: {resume}" if resume else "fix that, then start the run again"
+                raise TrainingFailed(f"training finished, but the model cannot be saved in {run_dir}: "
+                                     f"{e.strerror or e}; {how}") from None
             (run_dir / ck.LAST).unlink(missing_ok=True)  # the finished model is model.safetensors; best stays
             run = Run(learn.model, list(info.classes), img_size, mean, std, config, run_dir)
             interpret.fit_plots(learn, run, run_dir, history.rows)

@@ -3,7 +3,12 @@
     runs/<name>/attnzoo.json       config, classes, preprocessing, versions, metrics, skipped files
     runs/<name>/model.safetensors  the weights
     runs/<name>/history.csv        one row per epoch
+    runs/<name>/skipped.txt        the files training left out: tab-separated path and reason, CSV quoting
     runs/<name>/*.png              plots
+
+``RunFolder`` owns it: it claims a folder for a new run (an exclusive create, so two runs started together
+never share one), reads ``attnzoo.json`` against one schema (``RunConfig``), and writes every file to a
+temporary name that is renamed into place (a crash never leaves half a file; the mode follows the umask).
 
 Loading needs neither fastai nor torchvision: preprocessing is PIL + torch, as in training (squash
 resize, then the backbone's normalisation).
@@ -12,37 +17,73 @@ resize, then the backbone's normalisation).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-import tempfile
-from collections.abc import Iterable, Sequence
+import re
+import secrets
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import AttnzooError
 from .model import AttentionModel, create_model
 
 CONFIG = "attnzoo.json"
 WEIGHTS = "model.safetensors"
+HISTORY = "history.csv"
+SKIPPED = "skipped.txt"
+CLAIM = ".attnzoo-claim"  # exists only while a new run folder is claimed and its attnzoo.json not yet written
 FORMAT_VERSION = 1
+# temporary files in a run folder: attnzoo's ".NAME.XXXXXXXX.tmp" (the shape tempfile.mkstemp gave them before
+# too), and ".tmpXXXXXX", where safetensors writes a file before renaming it onto attnzoo's
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|\.tmp[A-Za-z0-9]{6}")
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp_path)`` then rename: a crash never leaves a half-written file behind."""
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp_path)`` then rename: a crash never leaves a half-written file behind.
+
+    The temporary file is created with mode 0o666 and the kernel applies the umask (and any default ACL),
+    as for any file a program creates; a ``write`` that puts another file in its place (safetensors writes
+    its own temporary, mode 0600) gets that mode back."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
-        write(Path(tmp))
+        mode = os.fstat(fd).st_mode & 0o7777
+        os.close(fd)
+        write(tmp)
+        if os.stat(tmp).st_mode & 0o7777 != mode:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Text as UTF-8; file names that are not UTF-8 (surrogate escapes) keep their original bytes."""
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
+
+
+def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]], dialect: str = "excel") -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, dialect=dialect, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
 
 
 def versions() -> dict[str, str]:
@@ -113,71 +154,301 @@ class Run:
         return [[(self.classes[i], float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(values, idx.tolist())]
 
 
+# --- attnzoo.json: one schema -----------------------------------------------------------------------------------
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    # strict: "32" is not an image size and 1 is not True; extra: a newer attnzoo's fields are kept, not refused
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class SkippedFile(_Strict):
+    path: str
+    reason: str
+
+
+class Metrics(_Strict):
+    per_epoch: list[dict[str, Any]] = Field(default_factory=list)
+    final: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunConfig(_Strict):
+    """``attnzoo.json``: every field attnzoo reads, with its type; ``load_run`` and ``--resume`` check it."""
+
+    format: int = Field(FORMAT_VERSION, ge=1)
+    status: Literal["training", "interrupted", "failed", "done"] | None = None
+    backbone: str = Field(min_length=1)
+    attn: str | None = None
+    attn_options: dict[str, Any] = Field(default_factory=dict)
+    sites: list[str] = Field(default_factory=list)
+    classes: list[str] = Field(min_length=1)
+    img_size: int = Field(ge=1)
+    mean: list[Finite] = Field(min_length=3, max_length=3)
+    std: list[Positive] = Field(min_length=3, max_length=3)
+    seed: int | None = None
+    pretrained: bool | None = None
+    weights: str | None = None
+    data: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    request: dict[str, Any] | None = None
+    metrics: Metrics = Field(default_factory=Metrics)
+    best: dict[str, Any] | None = None
+    warnings: list[str] = Field(default_factory=list)
+    skipped: list[SkippedFile] = Field(default_factory=list)
+    error: str | None = None
+    resume: str | None = None
+    distributed: dict[str, Any] | None = None
+    localization: dict[str, Any] | None = None
+    faithfulness: dict[str, Any] | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
+def check_config(config: Any, where: str | os.PathLike = CONFIG) -> dict[str, Any]:
+    """``config`` if it is a valid ``attnzoo.json``, else one ``AttnzooError`` line naming the field and the problem."""
+    if not isinstance(config, dict):
+        raise AttnzooError(f"{where}: must hold a JSON object, not {json.dumps(config)[:40]}")
+    fmt = config.get("format", FORMAT_VERSION)
+    if isinstance(fmt, int) and fmt > FORMAT_VERSION:
+        raise AttnzooError(f"{where}: written by a newer attnzoo (format {fmt}; this one reads {FORMAT_VERSION}): "
+                           "upgrade attnzoo")
+    try:
+        RunConfig.model_validate(config)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field_name = ".".join(str(part) for part in first["loc"])
+        problem = "missing" if first["type"] == "missing" else (
+            f"{first['msg'][0].lower()}{first['msg'][1:]}, got {json.dumps(first['input'], default=str)[:60]}")
+        more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
+        raise AttnzooError(f"{where}: {field_name}: {problem}{more}") from None
+    if len(set(config["classes"])) != len(config["classes"]):
+        raise AttnzooError(f"{where}: classes: a class is named twice")
+    return config
+
+
+# --- the run folder -----------------------------------------------------------------------------------------------
+
+class RunFolder:
+    """One run folder: claims it for a new run, reads ``attnzoo.json`` against ``RunConfig``, writes each file
+    atomically. attnzoo writes only into a folder it claimed (a new run) or one holding a run (``--resume``)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._claimed = False  # holding CLAIM: attnzoo.json is not written yet
+        self._created = False  # this process made the folder
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # claiming -----------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def claim(cls, path: str | os.PathLike) -> RunFolder:
+        """The folder for a new run: ``path``, created, or an existing empty folder. Of two runs claiming one
+        folder at once, exactly one gets it; the other gets an ``AttnzooError``."""
+        folder = cls(path)
+        if folder.path.exists() and not folder.path.is_dir():
+            raise AttnzooError(f"{folder.path} is a file, not a folder; choose another folder")
+        if folder._take(new_only=False):
+            return folder
+        if (folder.path / CLAIM).exists() and len(os.listdir(folder.path)) == 1:
+            raise AttnzooError(f"{folder.path} is being claimed by another attnzoo fit; choose another folder "
+                               f"(if none is running, delete {folder.path / CLAIM})")
+        raise AttnzooError(f"{folder.path} already exists and is not empty; choose another folder "
+                           f"(or continue that run with --resume {folder.path})")
+
+    @classmethod
+    def claim_new(cls, base: str | os.PathLike) -> RunFolder:
+        """A new folder named ``base``, or ``base-2``, ``base-3``... when taken (for default run names)."""
+        base, n = Path(base), 1
+        while True:
+            folder = cls(base if n == 1 else base.with_name(f"{base.name}-{n}"))
+            if folder._take(new_only=True):
+                return folder
+            n += 1
+
+    def _take(self, new_only: bool) -> bool:
+        """Claim: create the folder (``new_only``: it must not exist), then ``CLAIM`` in it exclusively, then
+        check that nothing else is there. Claim first, check second: a run that checks while another holds the
+        claim fails to take it, and one that takes it after a run started finds that run's files."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(self.path)
+                self._created = True
+            except FileExistsError:
+                if new_only:
+                    return False
+            try:
+                os.close(os.open(self.path / CLAIM, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except FileExistsError:
+                return False
+            self._claimed = True
+            if any(name != CLAIM for name in os.listdir(self.path)):
+                self._created = False  # someone else's files: the folder is not ours to remove
+                self.release()
+                return False
+            return True
+        except OSError as e:
+            raise AttnzooError(f"cannot create the run folder {self.path}: {e.strerror or e}") from None
+
+    def release(self) -> None:
+        """Give up a claim whose run never wrote its ``attnzoo.json`` (it failed first): the claim goes, and the
+        folder with it when this process made it and nothing else is in it. No-op once the run has started."""
+        if not self._claimed:
+            return
+        self._claimed = False
+        (self.path / CLAIM).unlink(missing_ok=True)
+        if self._created:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass  # something else was written there: keep it
+
+    def clean_temporaries(self) -> list[Path]:
+        """Remove the temporary files a killed attnzoo left (``.NAME.XXXXXXXX.tmp``, and safetensors'
+        ``.tmpXXXXXX``) in the run folder and ``checkpoints/``, and nothing else."""
+        removed = []
+        for folder in (self.path, self.path / "checkpoints"):
+            if not folder.is_dir():
+                continue
+            for p in folder.iterdir():
+                if _TEMPORARY.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+        return removed
+
+    # reading ------------------------------------------------------------------------------------------------------
+
+    def read_config(self) -> dict[str, Any]:
+        """``attnzoo.json``, checked against ``RunConfig``: any problem is one ``AttnzooError`` line."""
+        path = self.path / CONFIG
+        if not path.is_file():
+            raise AttnzooError(f"not a run folder (no {CONFIG}): {self.path}")
+        try:
+            config = json.loads(path.read_bytes())
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise AttnzooError(f"{path} is not valid JSON: {e}") from None
+        return check_config(config, path)
+
+    def read_skipped(self) -> list[tuple[str, str]]:
+        """``skipped.txt`` as (path, reason) rows."""
+        with open(self.path / SKIPPED, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            return [(row[0], row[1]) for row in list(csv.reader(f, dialect="excel-tab"))[1:]]
+
+    # writing ------------------------------------------------------------------------------------------------------
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """(Re)write ``attnzoo.json`` with the format version and package versions. The first one marks the
+        folder as taken, so the claim goes."""
+        config = {"format": FORMAT_VERSION, **config, "versions": versions()}
+        _write_text(self.path / CONFIG, json.dumps(config, indent=2, default=str))  # ASCII: \udcXX for non-UTF-8
+        if self._claimed:
+            self._claimed = False
+            (self.path / CLAIM).unlink(missing_ok=True)
+
+    def write_weights(self, model: torch.nn.Module) -> None:
+        from safetensors.torch import save_model
+
+        _atomic_write(self.path / WEIGHTS, lambda tmp: save_model(model, str(tmp)))
+
+    def write_history(self, rows: Sequence[dict[str, float]]) -> None:
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        _write_text(self.path / HISTORY, _csv_text(keys, ([row.get(k, "") for k in keys] for row in rows)))
+
+    def write_skipped(self, skipped: Iterable[tuple[Any, str]]) -> None:
+        """The files training left out: tab-separated, quoted where a name holds a tab, newline or quote."""
+        _write_text(self.path / SKIPPED, _csv_text(["path", "reason"], ((str(p), r) for p, r in skipped),
+                                                   dialect="excel-tab"))
+
+    def save(self, model: torch.nn.Module, config: dict[str, Any], history: Iterable[dict[str, float]] = ()) -> Path:
+        """Weights, history and ``attnzoo.json`` (last: a run whose config says done has its weights)."""
+        history = list(history)
+        config = dict(config)
+        config["metrics"] = dict(config.get("metrics") or {})
+        config["metrics"]["per_epoch"] = history
+        if history:
+            config["metrics"]["final"] = {k: v for k, v in history[-1].items() if k not in ("epoch", "time")}
+        self.write_weights(model)
+        if history:
+            self.write_history(history)
+        self.write_config(config)
+        return self.path
+
+    def mark_failed(self, config: dict[str, Any], reason: str, resume: str | None = None) -> None:
+        """``status: failed`` with the reason and, when the run can go on, the command that resumes it."""
+        self.write_config({**config, "status": "failed", "error": reason, "resume": resume})
+
+
 def save_run(path: str | os.PathLike, model: AttentionModel, config: dict[str, Any],
              history: Iterable[dict[str, float]] = ()) -> Path:
     """Write the run folder (atomically, file by file)."""
-    from safetensors.torch import save_model
-
-    path = Path(path)
-    history = list(history)
-    config = dict(config)
-    config["metrics"] = dict(config.get("metrics") or {})
-    config["metrics"]["per_epoch"] = history
-    if history:
-        config["metrics"]["final"] = {k: v for k, v in history[-1].items() if k not in ("epoch", "time")}
-    _atomic_write(path / WEIGHTS, lambda tmp: save_model(model, str(tmp)))
-    if history:
-        def write_csv(tmp: Path) -> None:
-            keys = list(dict.fromkeys(k for row in history for k in row))
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=keys)
-                w.writeheader()
-                w.writerows(history)
-
-        _atomic_write(path / "history.csv", write_csv)
-    write_config(path, config)
-    return path
+    return RunFolder(path).save(model, config, history)
 
 
 def write_config(path: str | os.PathLike, config: dict[str, Any]) -> None:
     """(Re)write ``attnzoo.json`` atomically, with the format version and package versions."""
-    config = {"format": FORMAT_VERSION, **config, "versions": versions()}
-    _atomic_write(Path(path) / CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2, default=str)))
+    RunFolder(path).write_config(config)
+
+
+def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from the safetensors header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # not a safetensors file (it is never unpickled), or a damaged one
+        raise AttnzooError(f"{weights} is not a readable safetensors file: {type(e).__name__}: {e}") from None
+
+
+def _check_shapes(model: torch.nn.Module, weights: Path, n_classes: int) -> None:
+    """Every tensor in ``weights`` has the shape the model built from ``attnzoo.json`` expects."""
+    found = _tensor_shapes(weights)
+    for name, tensor in model.state_dict().items():
+        want, got = tuple(tensor.shape), found.get(name)
+        if got is None or got == want:
+            continue
+        if want[:1] == (n_classes,) and got[:1] != want[:1]:  # the classifier: its outputs are the classes
+            raise AttnzooError(f"{weights.parent / CONFIG}: classes: {n_classes} names, but the weights in "
+                               f"{weights.name} have {got[0]} classes")
+        raise AttnzooError(f"{weights} does not fit the model in {CONFIG}: {name} is {list(got)} there, "
+                           f"{list(want)} in the model")
 
 
 def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
     """A ready model from a run folder, with its classes and preprocessing. Never unpickles anything."""
     from safetensors.torch import load_model
 
-    path = Path(path)
-    cfg_path = path / CONFIG
-    if not cfg_path.is_file():
-        raise AttnzooError(f"not a run folder (no {CONFIG}): {path}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AttnzooError(f"{cfg_path} is not valid JSON: {e}") from None
+    folder = RunFolder(path)
+    config = folder.read_config()
+    cfg_path = folder.path / CONFIG
     try:
         model = create_model(config["backbone"], config.get("attn"), at=config.get("sites") or None,
                              num_classes=len(config["classes"]), img_size=config["img_size"],
                              **config.get("attn_options", {}))
-    except KeyError as e:
-        raise AttnzooError(f"{cfg_path} lacks {e}") from None
-    weights = path / WEIGHTS
+    except AttnzooError as e:
+        raise AttnzooError(f"{cfg_path}: {e}") from None
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise AttnzooError(f"{cfg_path}: cannot build the model it describes: {type(e).__name__}: {e}") from None
+    weights = folder.path / WEIGHTS
     if not weights.is_file():
         status = config.get("status")
         why = f" (status: {status})" if status and status != "done" else ""
-        raise AttnzooError(f"run folder has no weights ({WEIGHTS}){why}: {path}")
+        raise AttnzooError(f"run folder has no weights ({WEIGHTS}){why}: {folder.path}")
+    _check_shapes(model, weights, len(config["classes"]))
     try:
         missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
-    except Exception as e:  # not a safetensors file (it is never unpickled), or a damaged one
+    except Exception as e:  # a damaged file whose header still reads
         raise AttnzooError(f"{weights} is not a readable safetensors file: {type(e).__name__}: {e}") from None
     if missing or unexpected:
         raise AttnzooError(f"{weights} does not fit the model in {CONFIG}: "
                            f"{len(missing)} missing, {len(unexpected)} unexpected tensors")
     model.eval()
-    return Run(model.to(device), list(config["classes"]), int(config["img_size"]), tuple(config["mean"]),
-               tuple(config["std"]), config, path)
+    return Run(model.to(device), list(config["classes"]), config["img_size"], tuple(config["mean"]),
+               tuple(config["std"]), config, folder.path)
 
 
 def latest_run(root: str | os.PathLike = "runs") -> Path:

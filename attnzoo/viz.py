@@ -530,13 +530,38 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = DEFAULT_DPI) -> Path:
     Creates parent directories; a path without a suffix gets ``.png``.
     Returns the path written.
     """
+    from .run import _atomic_write
+
     out = Path(path)
     if not out.suffix:
         out = out.with_suffix(".png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, bbox_inches="tight", pad_inches=0.08, facecolor="white")
-    _close(fig)
+    try:
+        _drawable_text(fig)
+        _atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=dpi, bbox_inches="tight",
+                                                   pad_inches=0.08, facecolor="white"))
+    finally:
+        _close(fig)
     return out
+
+
+def printable(text: str) -> str:
+    """``text`` with U+FFFD for each surrogate: a file name's undecodable bytes (Python keeps them as surrogate
+    escapes) cannot be drawn, nor printed as UTF-8."""
+    return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+
+
+def _drawable_text(fig: Figure) -> None:
+    """Every text of ``fig`` made ``printable`` (FreeType refuses surrogates), tick labels included."""
+    from matplotlib.text import Text
+
+    for artist in fig.findobj(Text):
+        if printable(artist.get_text()) != artist.get_text():
+            artist.set_text(printable(artist.get_text()))
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [t.get_text() for t in axis.get_ticklabels()]
+            if any(printable(label) != label for label in labels):
+                axis.set_ticks(axis.get_ticklocs(), [printable(label) for label in labels])
 
 
 def _close(fig: Figure) -> None:
@@ -552,6 +577,7 @@ def save_new_figure(fig: Figure, path: str | Path, *, fresh: bool = True, dpi: i
     out = Path(path)
     fmt = out.suffix.lstrip(".").lower() or "png"
     try:
+        _drawable_text(fig)
         return write_new(out if out.suffix else out.with_suffix(".png"), lambda tmp: fig.savefig(
             tmp, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.08, facecolor="white"), fresh=fresh)
     finally:

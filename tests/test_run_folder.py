@@ -1,0 +1,88 @@
+"""The run folder through ``fit``: claimed by one run, failures recorded, names that are not UTF-8."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_folder
+
+from attnzoo.errors import AttnzooError, TrainingFailed
+from attnzoo.learner import fit
+from attnzoo.run import CLAIM, RunFolder, load_run
+
+TINY = dict(backbone="test_resnet", attn="lpa-pc", pretrained=False, bs=8, img_size=32, epochs=1)
+
+
+def test_two_fits_started_together_on_one_folder_give_it_to_one(tiny_folder, tmp_path):
+    out = tmp_path / "same"
+    command = [sys.executable, "-m", "attnzoo", "fit", "--backbone", "test_resnet", "--attn", "lpa-pc",
+               "--no-pretrained", "--bs", "8", "--img-size", "32", "--epochs", "1", "--data", str(tiny_folder),
+               "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "another attnzoo fit" in loser or "not empty" in loser
+    assert json.loads((out / "attnzoo.json").read_text())["status"] == "done"
+    assert not (out / CLAIM).exists()
+
+
+def test_fit_into_a_folder_another_run_holds_is_refused_and_leaves_it_alone(tiny_folder, tmp_path):
+    RunFolder.claim(tmp_path / "r")
+    with pytest.raises(AttnzooError, match="another attnzoo fit"):
+        fit(**TINY, data=str(tiny_folder), out=str(tmp_path / "r"))
+    assert os.listdir(tmp_path / "r") == [CLAIM]
+
+
+def test_a_fit_that_fails_before_training_leaves_no_folder(tmp_path):
+    with pytest.raises(AttnzooError):
+        fit(**TINY, data=str(tmp_path / "no-such-data"), out=str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_full_disk_at_the_final_save_is_recorded_and_the_run_resumes(tiny_folder, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    run = tmp_path / "r"
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_model", disk_full)
+        with pytest.raises(TrainingFailed, match=rf"No space left on device; .*attnzoo fit --resume {run}"):
+            fit(**TINY, data=str(tiny_folder), out=str(run))
+    config = json.loads((run / "attnzoo.json").read_text())
+    assert config["status"] == "failed" and "No space left on device" in config["error"]
+    assert config["resume"] == f"attnzoo fit --resume {run}"
+    assert not list(run.glob(".*.tmp"))
+    stale = [run / "checkpoints" / ".last.safetensors.a1b2c3d4.tmp", run / "checkpoints" / ".tmpQ3x9Zk"]
+    for p in stale:
+        p.write_bytes(b"half a checkpoint")
+    assert fit(resume=str(run)) == run
+    assert json.loads((run / "attnzoo.json").read_text())["status"] == "done"
+    assert not any(p.exists() for p in stale)
+    load_run(run)
+
+
+def test_names_that_are_not_utf8_go_through_fit_and_back(tmp_path):
+    root = make_folder(tmp_path / "data")
+    cafe = os.fsdecode(b"caf\xe9")
+    for split in ("train", "valid"):
+        os.rename(root / split / "red", root / split / cafe)
+    bad = [root / "train" / "green" / os.fsdecode(b"x\xff\ty.png"), root / "train" / "blue" / "two\nlines.png"]
+    for p in bad:
+        p.write_bytes(b"not an image")
+    run = fit(**TINY, data=str(root), out=str(tmp_path / "r"))
+    folder = RunFolder(run)
+    assert folder.read_config()["status"] == "done"
+    assert {Path(p) for p, _ in folder.read_skipped()} == set(bad)
+    assert load_run(run).classes == ["blue", cafe, "green"]
+    assert (run / "confusion_matrix.png").is_file() and (run / "attention.png").is_file()
