@@ -28,6 +28,7 @@ _LAZY = {
     "report_map": "maps",
     "attention_learner": "learner",
     "fit": "learner",
+    "FitConfig": "config",
     "load_run": "run",
     "Run": "run",
 }

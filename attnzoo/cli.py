@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .config import DEFAULTS as _FIT
 from .errors import AttnzooError, Interrupted, TrainingFailed
 
 app = typer.Typer(
@@ -33,19 +34,21 @@ def _console(stderr: bool = False) -> Any:
     return Console(stderr=stderr, highlight=False)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"attnzoo {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False) -> None:
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print attnzoo's version and exit.")] = False,
+) -> None:
     _state["debug"] = debug
-
-
-def _parse_attn_args(items: list[str] | None) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise AttnzooError(f"--attn-arg takes KEY=VALUE, got '{item}'")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Any:
@@ -72,22 +75,26 @@ def fit(
     at: Annotated[list[str] | None, typer.Option(help="Site(s) from `attnzoo layers BACKBONE`, or feature-level "
                                                       "indices (-2 = the level before the last). Repeatable.")] = None,
     attn_arg: Annotated[list[str] | None, typer.Option(help="Module option KEY=VALUE (see `attnzoo list`). "
-                                                            "Repeatable.")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs (after the frozen ones when pretrained).")] = 5,
-    lr: Annotated[str, typer.Option(help="Learning rate, or 'auto' for fastai's lr_find.")] = "1e-3",
-    bs: Annotated[int, typer.Option(help="Batch size, per process under torchrun / accelerate launch.")] = 32,
-    img_size: Annotated[int | None, typer.Option(help="Images are resized to this (default: the backbone's; "
-                                                      "64 for demo).")] = None,
-    pretrained: Annotated[bool, typer.Option(help="Start from timm's pretrained weights.")] = True,
+                                                            "Repeatable, once per key.")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs (after the frozen ones when pretrained).")] = _FIT["epochs"],
+    lr: Annotated[str, typer.Option(help="Learning rate, or 'auto' for fastai's lr_find.")] = str(_FIT["lr"]),
+    bs: Annotated[int, typer.Option(help="Batch size, per process under torchrun / accelerate launch.")]
+    = _FIT["bs"],
+    img_size: Annotated[int | None, typer.Option(help="Images are resized to this, 16 to 4096 (default: the "
+                                                      "backbone's; 64 for demo).")] = None,
+    pretrained: Annotated[bool, typer.Option(help="Start from timm's pretrained weights.")] = _FIT["pretrained"],
     weights: Annotated[Path | None, typer.Option(help="Local backbone weights (.safetensors/.pth state dict).")] = None,
-    valid_pct: Annotated[float, typer.Option(help="Validation share when the folder has no valid/ split.")] = 0.2,
-    freeze_epochs: Annotated[int, typer.Option(help="Epochs with the pretrained body frozen, before the rest.")] = 1,
-    seed: Annotated[int, typer.Option(help="Random seed (data split, init, order).")] = 0,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: 0 on CPU, up to 8 on GPU).")] = None,
+    valid_pct: Annotated[float, typer.Option(help="Validation share when the folder has no valid/ split.")]
+    = _FIT["valid_pct"],
+    freeze_epochs: Annotated[int, typer.Option(help="Epochs with the pretrained body frozen, before the rest.")]
+    = _FIT["freeze_epochs"],
+    seed: Annotated[int, typer.Option(help="Random seed (data split, init, order), 0 to 2**32-1.")] = _FIT["seed"],
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers, at most the CPU count (default: 0 on "
+                                                     "CPU, up to 8 on GPU).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<backbone>-<attn>-<time>); "
                                                   "must not exist yet.")] = None,
     checkpoints: Annotated[bool, typer.Option(help="Keep checkpoints/last and checkpoints/best up to date after "
-                                                   "every epoch (needed for --resume).")] = True,
+                                                   "every epoch (needed for --resume).")] = _FIT["checkpoints"],
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run folder from its last "
                                                      "checkpoint, with its own settings.")] = None,
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help="Under torchrun / accelerate launch on GPUs: batch "
@@ -96,24 +103,25 @@ def fit(
                                                             "runs; see benchmarks/RESULTS.md).")] = False,
 ) -> None:
     """Train BACKBONE with attention ATTN on DATA and write a run folder (or --resume one)."""
+    from .config import FitConfig, parse_attn_args
+
+    # the options typed, not their defaults: --resume refuses any other setting, even one typed at its default
+    given = {n: v for n, v in ctx.params.items()
+             if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}
+    if "resume" not in given:
+        missing = [f"--{n}" for n in ("backbone", "attn", "data") if n not in given]
+        if missing:
+            raise AttnzooError(f"fit needs {', '.join(missing)} (or --resume RUN)")
+    if "attn_arg" in given:
+        given["attn_arg"] = parse_attn_args(given["attn_arg"])
+    renamed = {"workers": "num_workers", "attn_arg": "attn_options"}
+    config = FitConfig.of(**{renamed.get(n, n): v for n, v in given.items()})  # before torch is imported
+
     from .distributed import is_main
     from .learner import fit as fit_run
 
     console = _console()
     err = _console(stderr=True)
-    if resume is not None:
-        given = [f"--{n.replace('_', '-')}" for n in ctx.params if n not in ("resume", "workers")
-                 and getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"]
-        if given:
-            raise AttnzooError(f"--resume continues a run with its own settings; leave out {', '.join(given)}")
-    else:
-        missing = [f"--{n}" for n, v in (("backbone", backbone), ("attn", attn), ("data", data)) if v is None]
-        if missing:
-            raise AttnzooError(f"fit needs {', '.join(missing)} (or --resume RUN)")
-    try:
-        lr_value: float | str = "auto" if lr == "auto" else float(lr)
-    except ValueError:
-        raise AttnzooError(f"--lr takes a number or 'auto', got '{lr}'") from None
 
     def on_data(info: Any, run_dir: Path) -> None:
         counts = info.counts()
@@ -135,18 +143,14 @@ def fit(
         table = [[r["epoch"], *(f"{r.get(k, float('nan')):.4f}" for k in keys), f"{r['time']:.1f}s"] for r in rows]
         console.print(_table("training", ["epoch", *keys, "time"], table))
 
-    options = _parse_attn_args(attn_arg)
     try:
-        run_dir = fit_run(backbone, attn, data or "demo", at=at or None, attn_options=options, epochs=epochs,
-                          lr=lr_value, bs=bs, img_size=img_size, pretrained=pretrained,
-                          weights=str(weights) if weights else None, valid_pct=valid_pct, seed=seed,
-                          freeze_epochs=freeze_epochs, out=str(out) if out else None, num_workers=workers,
-                          checkpoints=checkpoints, resume=resume, sync_bn=sync_bn, compile=compile, console=err,
-                          on_data=on_data, on_epoch_table=on_epoch_table)
+        run_dir = fit_run(config=config, console=err, on_data=on_data, on_epoch_table=on_epoch_table)
     except (AttnzooError, KeyboardInterrupt, Interrupted, TrainingFailed):
         raise
     except Exception as e:
-        raise TrainingFailed(f"training failed: {type(e).__name__}: {e}") from e
+        detail = str(e) or ("out of memory: try a lower --bs or --img-size" if isinstance(e, MemoryError) else
+                            "(no message)")
+        raise TrainingFailed(f"training failed: {type(e).__name__}: {detail}") from e
     if is_main():  # under torchrun / accelerate launch, rank 0 reports
         console.print(f"[green]run folder:[/] {run_dir}")
         console.print(f"next: attnzoo show-attention IMAGE --run {run_dir}")
@@ -400,24 +404,32 @@ def doctor(
         raise typer.Exit(1)
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """What the parser raises for a bad command line: typer >= 0.22 raises its own copy of click's exceptions
+    (under ``typer.TyperException``), older typers raise click's."""
+    classes: list[type[Exception]] = [typer.TyperException] if hasattr(typer, "TyperException") else []
+    try:
+        import click
+
+        classes.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(classes)
+
+
 def _run_app(argv: list[str] | None = None) -> None:
     """Run the app, turning errors into one line and an exit code."""
     import warnings
-
-    import click
 
     os.environ.setdefault("MPLBACKEND", "Agg")
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
     err = None
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="attnzoo", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         err, code = "aborted", 130
     except KeyboardInterrupt:
         err, code = "interrupted", 130
@@ -428,6 +440,14 @@ def _run_app(argv: list[str] | None = None) -> None:
     except Interrupted as e:
         _console(stderr=True).print(f"[yellow]interrupted:[/] {e}", soft_wrap=True)
         sys.exit(128 + e.signum)
+    except Exception as e:
+        if not isinstance(e, _usage_errors()):
+            raise
+        if not e.format_message():  # no arguments at all: typer has printed the help
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+        err, code = e.format_message().rstrip(".") + hint, e.exit_code
     if _state["debug"]:
         import traceback
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from fastai.metrics import accuracy
 from fastai.optimizer import Adam
 
 from . import distributed
+from .config import FitConfig
 from .errors import AttnzooError, Interrupted, TrainingFailed
 from .model import AttentionModel, create_model
 from .run import RunFolder
@@ -225,39 +225,26 @@ class RichProgress(Callback):
 def fit(
     backbone: str | None = None,
     attn: str | None = None,
-    data: str = "demo",
+    data: str | None = None,
     *,
-    at: Any = None,
-    attn_options: dict[str, Any] | None = None,
-    epochs: int = 5,
-    lr: float | str | None = None,
-    bs: int = 32,
-    img_size: int | None = None,
-    pretrained: bool = True,
-    weights: str | None = None,
-    valid_pct: float = 0.2,
-    seed: int = 0,
-    freeze_epochs: int = 1,
-    out: str | None = None,
-    runs_dir: str = "runs",
-    num_workers: int | None = None,
-    checkpoints: bool = True,
-    resume: str | os.PathLike | None = None,
-    sync_bn: bool = False,
-    compile: bool = False,
+    config: FitConfig | None = None,
     console: Any = None,
     on_data: Any = None,
     on_epoch_table: Any = None,
+    **settings: Any,
 ) -> Path:
     """Train and write a run folder; what ``attnzoo fit`` does. Returns the run folder.
 
-    ``lr="auto"`` runs fastai's ``lr_find``. ``on_data(info, run_dir)`` is called with the dataset summary
-    before training; ``on_epoch_table(rows)`` with the per-epoch rows after it.
+    ``settings`` are ``FitConfig``'s (``at``, ``attn_options``, ``epochs``, ``lr``, ``bs``, ``img_size``,
+    ``pretrained``, ``weights``, ``valid_pct``, ``seed``, ``freeze_epochs``, ``num_workers``, ``checkpoints``,
+    ``sync_bn``, ``compile``, ``out``, ``runs_dir``, ``resume``), checked before anything starts; None means the
+    default. Or pass a ready ``config``. ``lr="auto"`` runs fastai's ``lr_find``. ``on_data(info, run_dir)``
+    is called with the dataset summary before training; ``on_epoch_table(rows)`` with the per-epoch rows after it.
 
     The run folder is created before training starts (``attnzoo.json`` with ``status: training``);
     ``checkpoints`` keeps ``checkpoints/last`` and ``checkpoints/best`` up to date after every epoch.
     ``resume=RUN`` continues an interrupted run from its last checkpoint with the run's own settings
-    (every other argument but ``num_workers`` is then ignored) and reaches the result the uninterrupted
+    (no other setting but ``num_workers`` may be given with it) and reaches the result the uninterrupted
     run would have. SIGINT/SIGTERM stop after the current batch, save, and raise ``Interrupted``; a
     NaN/inf loss stops training and raises ``TrainingFailed`` naming the epoch and batch.
 
@@ -266,31 +253,31 @@ def fit(
     """
     from .run import CONFIG
 
+    if config is None:
+        given = dict(backbone=backbone, attn=attn, data=data, **settings)
+        config = FitConfig.of(**{k: v for k, v in given.items() if v is not None})
+    elif backbone is not None or attn is not None or data is not None or settings:
+        raise TypeError("fit takes either a config or settings, not both")
     distributed.setup()  # first: pins this process's GPU before anything lands on one
-    if resume is not None:
-        folder = RunFolder(resume)
+    if config.resume is not None:
+        folder = RunFolder(config.resume)
         run_dir = folder.path
         if not (run_dir / CONFIG).is_file():
             raise AttnzooError(f"--resume needs a run folder (with {CONFIG}): {run_dir}")
-        config = folder.read_config()
-        if config.get("status") == "done":
+        saved = folder.read_config()
+        if saved.get("status") == "done":
             raise AttnzooError(f"{run_dir} already finished training; nothing to resume")
-        try:
-            s = dict(config["request"])
-        except KeyError:
-            raise AttnzooError(f"{run_dir} was written by an attnzoo without resume support") from None
+        if "request" not in saved:
+            raise AttnzooError(f"{run_dir} was written by an attnzoo without resume support")
+        workers = {} if config.num_workers is None else {"num_workers": config.num_workers}
+        request = FitConfig.from_request(saved["request"], out=str(run_dir), **workers)
         if distributed.is_main():
             folder.clean_temporaries()  # what a killed run left half-written
-        return _fit(**{**s, "num_workers": num_workers if num_workers is not None else s.get("num_workers")},
-                    folder=folder, resumed=config, console=console, on_data=on_data, on_epoch_table=on_epoch_table)
-    if backbone is None:
-        raise AttnzooError("fit needs a backbone (or resume=RUN)")
-    folder = _new_run_dir(backbone, attn, out, runs_dir)
+        return _fit(request, folder=folder, resumed=saved, console=console, on_data=on_data,
+                    on_epoch_table=on_epoch_table)
+    folder = _new_run_dir(config.backbone, config.attn, config.out, config.runs_dir)
     try:
-        return _fit(backbone=backbone, attn=attn, data=data, at=at, attn_options=attn_options, epochs=epochs, lr=lr,
-                    bs=bs, img_size=img_size, pretrained=pretrained, weights=weights, valid_pct=valid_pct, seed=seed,
-                    freeze_epochs=freeze_epochs, checkpoints=checkpoints, num_workers=num_workers, sync_bn=sync_bn,
-                    compile=compile, folder=folder, resumed=None, console=console, on_data=on_data,
+        return _fit(config, folder=folder, resumed=None, console=console, on_data=on_data,
                     on_epoch_table=on_epoch_table)
     except BaseException:
         folder.release()  # a run that stopped before writing its attnzoo.json leaves no folder behind
@@ -325,11 +312,8 @@ def _phases(pretrained: bool, epochs: int, freeze_epochs: int, lr: float) -> lis
     return [(False, epochs, lr)]
 
 
-def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: dict[str, Any] | None, epochs: int,
-         lr: float | str | None, bs: int, img_size: int | None, pretrained: bool, weights: str | None,
-         valid_pct: float, seed: int, freeze_epochs: int, checkpoints: bool, num_workers: int | None,
-         folder: RunFolder, resumed: dict[str, Any] | None, console: Any, on_data: Any, on_epoch_table: Any,
-         sync_bn: bool = False, compile: bool = False) -> Path:
+def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | None, console: Any, on_data: Any,
+         on_epoch_table: Any) -> Path:
     """``resumed``: the run's ``attnzoo.json`` when continuing a run, else None."""
     import timm
     from fastai.callback.progress import ProgressCallback
@@ -344,28 +328,16 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
 
     resume = resumed is not None
     run_dir = folder.path
-    # everything a user can get wrong is checked before any data is touched
-    check_backbone(backbone)
-    attn = None if attn in (None, "none") else attn
-    options = parse_options(attn, attn_options or {}) if attn else {}
-    if not attn and (attn_options or at):
-        raise AttnzooError("--at and --attn-arg need an attention module (got --attn none)")
-    if data == "demo" and img_size is None:
-        img_size = 64
-    img_size = img_size or default_img_size(backbone)
-    for name, value, low in (("epochs", epochs, 1), ("bs", bs, 1), ("img_size", img_size, 16),
-                             ("freeze_epochs", freeze_epochs, 0)):
-        if value < low:
-            raise AttnzooError(f"{name} must be at least {low}, got {value}")
-    sites = resolve_sites(_introspect(backbone, img_size), at, get_attention(attn).kind) if attn else []
-    if not 0 < valid_pct < 1:
-        raise AttnzooError(f"valid_pct must be between 0 and 1, got {valid_pct}")
-    if isinstance(lr, (int, float)) and not (lr > 0 and math.isfinite(lr)):
-        raise AttnzooError(f"lr must be a positive number, got {lr}")
-    if weights is not None and not Path(weights).is_file():
-        raise AttnzooError(f"weights file not found: {weights}")
-    if num_workers is not None and num_workers < 0:
-        raise AttnzooError(f"workers must be 0 or more, got {num_workers}")
+    # settings checked every value; what needs timm is checked here, before any data is touched
+    check_backbone(settings.backbone)
+    if settings.img_size is None:  # the backbone's size, bounds checked again
+        settings = replace(settings, img_size=64 if settings.data == "demo" else default_img_size(settings.backbone))
+    s = settings
+    options = parse_options(s.attn, s.attn_options) if s.attn else {}
+    sites = resolve_sites(_introspect(s.backbone, s.img_size), s.at, get_attention(s.attn).kind) if s.attn else []
+    backbone, attn, data, epochs, lr, bs, img_size = s.backbone, s.attn, s.data, s.epochs, s.lr, s.bs, s.img_size
+    pretrained, weights, valid_pct, seed, freeze_epochs = s.pretrained, s.weights, s.valid_pct, s.seed, s.freeze_epochs
+    checkpoints, num_workers, sync_bn, compile = s.checkpoints, s.num_workers, s.sync_bn, s.compile
     if not distributed.is_main():  # the other processes of a launch train quietly
         console, on_data, on_epoch_table = distributed.quiet_console(), None, None
     state: dict[str, Any] = {}
@@ -379,9 +351,15 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
     if resume and info.counts() != config["data"]["counts"]:
         raise AttnzooError(f"the data in {info.root} changed since {run_dir} started "
                            f"({config['data']['counts']} then, {info.counts()} now); cannot resume it exactly")
-    if resume and config["data"].get("fingerprint", info.fingerprint()) != info.fingerprint():  # older runs: counts
+    if resume and config["data"].get("fingerprint") not in (None, info.fingerprint()):  # older runs: counts only
         raise AttnzooError(f"the data in {info.root} changed since {run_dir} started (files were added, removed "
                            f"or moved between classes, with the same counts); cannot resume it exactly")
+    per_process = -(-len(info.train) // distributed.world_size())  # a shard, padded as distributed.py does
+    if bs > per_process:  # fastai drops the last partial batch: a larger batch would train on nothing
+        where = " per process" if distributed.world_size() > 1 else ""
+        info.warnings.append(f"--bs {bs} is larger than the {per_process} training images{where}: "
+                             f"using --bs {per_process}")
+        bs = per_process
     if on_data is not None:
         on_data(info, run_dir)
     if info.skipped and not resume and distributed.is_main():
@@ -408,10 +386,7 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
         lr = distributed.broadcast(lr)  # ... and rank 0's pick for all
     lr = float(lr or 1e-3)
 
-    request = dict(backbone=backbone, attn=attn, data=data, at=sites or None, attn_options=options, epochs=epochs,
-                   lr=lr, bs=bs, img_size=img_size, pretrained=pretrained, weights=weights, valid_pct=valid_pct,
-                   seed=seed, freeze_epochs=freeze_epochs, checkpoints=checkpoints, num_workers=num_workers,
-                   sync_bn=sync_bn, compile=compile)
+    request = replace(settings, at=sites or None, attn_options=options, lr=lr, bs=bs).request()
     if not resume:
         config = dict(
             status="training", backbone=backbone, attn=attn or "none", attn_options=options,
@@ -436,7 +411,8 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
     progress.done = done
     stop = ck.StopOnSignal().install()
     offset = 0
-    failure: tuple[int, int] | None = None
+    failure: str | None = None
+    blamed: list[str] = []
     try:
         for frozen, n, phase_lr in phases:
             if done >= offset + n:
@@ -458,7 +434,7 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
                 learn.fit_one_cycle(n, phase_lr, start_epoch=start)
             best = saver.best
             if guard.failure or stop.signum is not None:
-                failure = guard.failure
+                failure, blamed = guard.failure, guard.blamed
                 break
             offset += n
     except BaseException as e:
@@ -475,12 +451,12 @@ def _fit(*, backbone: str, attn: str | None, data: str, at: Any, attn_options: d
     epochs_done = len(history.rows)
     if failure is not None:
         if distributed.is_main():
-            folder.mark_failed({**config, "best": best, "metrics": {"per_epoch": history.rows}},
-                               f"NaN/inf loss at {failure}")
+            folder.mark_failed({**config, "best": best, "metrics": {"per_epoch": history.rows}}, failure)
         kept = (f"; the last good checkpoint (epoch {epochs_done}) is {run_dir / ck.LAST}"
                 if epochs_done and checkpoints else "")
-        raise TrainingFailed(f"the training loss became NaN/inf at epoch {failure[0]}, batch {failure[1]}: "
-                             f"training stopped{kept}. Try a lower --lr.")
+        hint = (" The module is at fault, not only the learning rate: check its options, or tell its author."
+                if blamed else " Try a lower --lr.")
+        raise TrainingFailed(f"{failure}: training stopped{kept}.{hint}")
     if stop.signum is not None:
         if distributed.is_main():
             folder.save(get_model(learn.model), {**config, "status": "interrupted", "best": best}, history.rows)

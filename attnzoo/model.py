@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hub
 from .errors import AttnzooError, PretrainedUnavailable, SiteError, UnknownNameError
 from .maps import MapRecorder, as_spatial
 from .registry import AttentionSpec, get_attention, parse_options, site_kwargs
@@ -331,8 +332,10 @@ def _build_backbone(backbone: str, num_classes: int, pretrained: bool, pretraine
     if pretrained_file is not None:
         kwargs["pretrained_cfg_overlay"] = dict(state_dict=load_weights_file(Path(pretrained_file)))
         pretrained = True
+    offline = hub.unreachable() if pretrained and pretrained_file is None else None  # seconds, not a minute
     try:
-        return _timm_model(backbone, pretrained=pretrained, **kwargs)
+        with hub.offline(offline is not None):
+            return _timm_model(backbone, pretrained=pretrained, **kwargs)
     except UnknownNameError:
         raise
     except RuntimeError as e:
@@ -340,11 +343,11 @@ def _build_backbone(backbone: str, num_classes: int, pretrained: bool, pretraine
             first = str(e).strip().splitlines()[0:2]
             raise AttnzooError(f"weights file {pretrained_file} does not fit '{backbone}': {' '.join(first)}") from e
         if pretrained_file is None and pretrained:
-            raise PretrainedUnavailable(_offline_message(backbone, e)) from e
+            raise PretrainedUnavailable(_offline_message(backbone, e, offline)) from e
         raise
     except Exception as e:
         if pretrained_file is None and pretrained:
-            raise PretrainedUnavailable(_offline_message(backbone, e)) from e
+            raise PretrainedUnavailable(_offline_message(backbone, e, offline)) from e
         if pretrained_file is not None:
             raise AttnzooError(f"cannot load weights file {pretrained_file}: {type(e).__name__}: {e}") from e
         raise
@@ -393,8 +396,8 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def _offline_message(backbone: str, e: Exception) -> str:
-    why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+def _offline_message(backbone: str, e: Exception, offline: str | None) -> str:
+    why = f"{offline}, and they are not in the local cache" if offline else " ".join(str(e).split()) or type(e).__name__
     return (f"pretrained weights for '{backbone}' could not be fetched ({why}); "
             f"train from scratch with --no-pretrained, or pass a local file with --weights FILE")
 

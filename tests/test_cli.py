@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,97 @@ def test_help_and_list_do_not_import_fastai_or_torchvision():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in out.stdout, out.stdout[-500:] + out.stderr[-2000:]
+
+
+# --- every mistake on the command line: one line, exit code 2, before anything starts ---------------------------
+
+FIT_DEMO = ["fit", "--backbone", "test_resnet", "--attn", "sagan", "--data", "demo", "--no-pretrained"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["fit", "--foo"], "No such option: --foo"),
+    (["fit", "--epochs", "abc"], "Invalid value for '--epochs'"),
+    (["predict"], "Missing argument"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_command_line_usage_errors_are_one_line_with_exit_code_2(capsys, args, message):
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err + out and len(err.strip().splitlines()) == 1
+    assert "--help" in err  # where to look next
+
+
+@pytest.mark.parametrize("args", [["fit", "--foo"], ["nosuch"]])
+def test_usage_errors_from_the_installed_command_have_no_traceback(args):
+    done = subprocess.run([sys.executable, "-m", "attnzoo", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--workers", "1000"], "workers must be at most"),
+    (["--img-size", "100000"], "img_size must be at most 4096"),
+    (["--seed", str(2**64)], "seed must be at most 4294967295"),
+    (["--seed", "-1"], "seed must be at least 0"),
+    (["--epochs", "1000000"], "epochs must be at most"),
+    (["--freeze-epochs", "1000000"], "freeze_epochs must be at most"),
+    (["--bs", "64", "--img-size", "2048"], "pixels per batch"),
+    (["--lr", "100"], "lr must be at most 10"),
+    (["--valid-pct", "0"], "valid_pct must be between 0 and 1"),
+    (["--attn-arg", "reduction=4", "--attn-arg", "reduction=8"], "--attn-arg reduction is given twice"),
+])
+def test_out_of_range_settings_are_refused_before_anything_starts(capsys, tmp_path, extra, message):
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, *FIT_DEMO, *extra, "--out", str(run))
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err + out and len(err.strip().splitlines()) == 1
+    assert not run.exists()
+
+
+def test_an_out_folder_under_a_file_is_refused_before_anything_starts(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli(capsys, *FIT_DEMO, "--out", str(blocker / "run"))
+    assert code == 2 and f"{blocker} is a file" in err, err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_an_out_folder_where_nothing_can_be_written_is_refused_even_for_root(capsys):
+    # /proc takes no new folders, not even from root (to whom a permission bit or os.access says nothing)
+    code, _, err = run_cli(capsys, *FIT_DEMO, "--out", "/proc/attnzoo-test/run")
+    assert code == 2 and "cannot write in /proc" in err, err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes in a read-only folder")
+def test_an_out_folder_in_a_read_only_folder_is_refused(capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        code, _, err = run_cli(capsys, *FIT_DEMO, "--out", str(locked / "run"))
+    finally:
+        locked.chmod(0o700)
+    assert code == 2 and f"cannot write in {locked}" in err, err
+
+
+def test_fit_settings_are_checked_before_torch_is_imported():
+    cases = [["--epochs", "0"], ["--workers", "1000"], ["--seed", str(2**64)],
+             ["--attn-arg", "reduction=4", "--attn-arg", "reduction=8"]]
+    script = (
+        "import sys\nfrom attnzoo.cli import main\n"
+        f"for extra in {cases!r}:\n"
+        f"    try:\n        main({FIT_DEMO!r} + extra)\n"
+        "    except SystemExit as e:\n        assert e.code == 2, (extra, e.code)\n"
+        "print('HEAVY', [m for m in ('torch', 'timm', 'fastai') if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in done.stdout, done.stdout[-500:] + done.stderr[-2000:]
+    assert done.stderr.count("error:") == len(cases)
+
+
+def test_version_is_printed_without_importing_torch():
+    import attnzoo
+
+    script = ("import sys\nfrom attnzoo.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit as e:\n"
+              "    assert e.code in (0, None), e.code\nprint('TORCH', 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines() == [f"attnzoo {attnzoo.__version__}", "TORCH False"], done.stdout + done.stderr
