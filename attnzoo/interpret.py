@@ -33,7 +33,7 @@ from torch import nn
 from . import localize, viz
 from .errors import AttnzooError
 from .model import AttentionModel, _Hook, layers
-from .run import CONFIG, WEIGHTS, Run, _atomic_write
+from .run import CONFIG, WEIGHTS, Run, RunFolder, _atomic_write
 
 Progress = Callable[[str, int, int], None]  # (task, done, total)
 BOX_COLOR = (255, 255, 255)
@@ -74,7 +74,10 @@ def show_attention(run: Run, images: Sequence[str | Path], out: str | Path | Non
     for i, (p, target) in enumerate(zip(images, targets)):
         fig = viz.attention_figure(display_image(run, p), {k: v[i].numpy() for k, v in maps.items()}, tops[i],
                                    title=f"{p.name}: {run.config.get('backbone')} + {run.config.get('attn')}")
-        written.append((p, tops[i], viz.save_new_figure(fig, target, fresh=fresh)))
+        try:
+            written.append((p, tops[i], viz.save_new_figure(fig, target, fresh=fresh)))
+        except OSError as e:  # a read-only run folder, a full disk: somewhere else may do
+            raise AttnzooError(f"cannot write {target}: {e.strerror or e}; choose another place with --out") from None
     return written
 
 
@@ -419,11 +422,7 @@ def validation_set(run: Run, data: str | Path | None = None) -> Any:
 
 def update_config(run_dir: str | Path, **entries: Any) -> dict[str, Any]:
     """Set top-level entries of the run's attnzoo.json, keeping everything else (read, modify, atomic write)."""
-    path = Path(run_dir) / CONFIG
-    config = json.loads(path.read_text())
-    config.update(entries)
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(config, indent=2, default=str)))
-    return config
+    return RunFolder(run_dir).update_config(**entries)
 
 
 @dataclass

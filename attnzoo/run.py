@@ -349,6 +349,13 @@ class RunFolder:
             self._claimed = False
             (self.path / CLAIM).unlink(missing_ok=True)
 
+    def update_config(self, **entries: Any) -> dict[str, Any]:
+        """Set top-level entries of ``attnzoo.json`` (what a later command adds, as ``interpret``'s scores),
+        keeping the rest as it is, the versions of the training included."""
+        config = check_config({**self.read_config(), **entries}, self.path / CONFIG)
+        _write_text(self.path / CONFIG, json.dumps(config, indent=2, default=str))
+        return config
+
     def write_weights(self, model: torch.nn.Module) -> None:
         from safetensors.torch import save_model
 

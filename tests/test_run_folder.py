@@ -86,3 +86,36 @@ def test_names_that_are_not_utf8_go_through_fit_and_back(tmp_path):
     assert {Path(p) for p, _ in folder.read_skipped()} == set(bad)
     assert load_run(run).classes == ["blue", cafe, "green"]
     assert (run / "confusion_matrix.png").is_file() and (run / "attention.png").is_file()
+
+
+def test_show_attention_into_a_read_only_run_folder_is_one_line_suggesting_out(tiny_run, tiny_folder, capsys,
+                                                                              monkeypatch):
+    from test_cli import run_cli
+
+    image = sorted((tiny_folder / "valid" / "red").glob("*.png"))[0]
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # tests run as root, whom chmod does not stop
+        if str(path).startswith(str(tiny_run)) and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    code, _, err = run_cli(capsys, "show-attention", str(image), "--run", str(tiny_run))
+    assert code == 2 and "Permission denied" in err and "--out" in err and len(err.strip().splitlines()) == 1
+
+
+def test_interpret_scores_are_added_to_a_valid_config_keeping_the_training_versions(tmp_path):
+    from test_run import make_run
+
+    from attnzoo.interpret import update_config
+
+    make_run(tmp_path / "r")
+    path = tmp_path / "r" / "attnzoo.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "versions": {"attnzoo": "0.0.1"}}))
+    config = update_config(tmp_path / "r", faithfulness={"auc": {"random": 0.5}})
+    assert config == json.loads(path.read_text())
+    assert config["versions"] == {"attnzoo": "0.0.1"} and config["faithfulness"] == {"auc": {"random": 0.5}}
+    path.write_text(json.dumps({**config, "img_size": "32"}))
+    with pytest.raises(AttnzooError, match="img_size"):
+        update_config(tmp_path / "r", faithfulness={})
