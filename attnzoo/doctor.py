@@ -134,6 +134,9 @@ def check_plugins() -> list[Check]:
             out.append(Check(f"plugin {st.dist}", OK, f"{st.version}: {', '.join(st.names) or 'nothing'}"))
         elif st.status == "disabled":
             out.append(Check(f"plugin {st.dist}", OK, "disabled"))
+        elif st.status == "tampered":  # it changed attnzoo itself: results of this process may not be attnzoo's
+            out.append(Check(f"plugin {st.dist}", FAIL, f"{st.status}: {st.reason}",
+                             f"pip uninstall {st.dist} (or ATTNZOO_DISABLE_PLUGINS={st.dist}), and tell its authors"))
         else:
             fix = (f"pip install --upgrade {st.dist}, or pip uninstall {st.dist}" if st.status == "failed"
                    else "use the qualified name dist:name to pick one")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import re
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from textwrap import dedent
@@ -46,6 +50,17 @@ class MeanGate(nn.Module):
 Install = Callable[..., None]
 
 
+def write_dist(root: Path, dist: str, entry_points: dict[str, str], version: str = "1.0", **modules: str) -> None:
+    """A distribution as pip leaves it: ``root/<dist>-<version>.dist-info`` and its modules in ``root``."""
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[attnzoo.attention]\n{lines}")
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(dedent(source))
+
+
 @pytest.fixture
 def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Install]:
     """``install(dist, {entry point: target}, module=source, ...)`` makes a distribution and forgets what was
@@ -56,15 +71,9 @@ def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Install
         monkeypatch.delenv(var, raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
 
-    def make(dist: str, entry_points: dict[str, str], version: str = "1.0", **modules: str):
-        info = tmp_path / f"{dist.replace('-', '_')}-{version}.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-        lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
-        (info / "entry_points.txt").write_text(f"[attnzoo.attention]\n{lines}")
-        for module, source in modules.items():
-            (tmp_path / f"{module}.py").write_text(dedent(source))
-            written.add(module)
+    def make(dist: str, entry_points: dict[str, str], version: str = "1.0", **modules: str) -> None:
+        write_dist(tmp_path, dist, entry_points, version, **modules)
+        written.update(modules)
         importlib.invalidate_caches()
         plugins.refresh()
 
@@ -225,6 +234,142 @@ def test_cli_reports_a_broken_plugin_and_still_works(install: Install, monkeypat
     assert exit_.value.code == 0
     assert "fake-cli-broken" in out and "failed" in out and "needs [/] libbar" in out
     assert "sagan" in out
+
+
+# Plugins are guests: what an import does is contained, and a plugin is imported only when its name is used.
+
+REGISTER_TWO = GATE + '''
+def register():
+    for name in ("fake-fn-a", "fake-fn-b"):
+        attnzoo.register_attention(name, kind="gate", summary=f"{name}: the mean gate again")(MeanGate)
+'''
+
+
+def _cli(command: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
+    from attnzoo.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(command)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0, err
+    return out, err
+
+
+def test_using_a_builtin_imports_no_third_party_plugin(install: Install):
+    install("fake-lazy", {"fake-lazy": "fake_lazy:MeanGate", "sagan": "fake_lazy_sagan:MeanGate",
+                          "fake-lazy-fn": "fake_lazy_fn:register"},
+            fake_lazy=GATE, fake_lazy_sagan=GATE, fake_lazy_fn=REGISTER_TWO)
+    guests = {"fake_lazy", "fake_lazy_sagan", "fake_lazy_fn"}
+
+    attnzoo.create_model("test_resnet", "sagan", at="layer3", num_classes=3, img_size=64)
+    assert not guests & set(sys.modules)
+    assert attnzoo.get_attention("fake-lazy").source == "fake-lazy"  # an entry point of that name: it alone
+    assert guests & set(sys.modules) == {"fake_lazy"}
+    assert attnzoo.get_attention("fake-fn-b").source == "fake-lazy"  # no entry point of that name: functions too
+    assert "fake_lazy_fn" in sys.modules
+
+
+@pytest.mark.parametrize("command", [["list", "--json"], ["plugins", "--json"]])
+def test_a_plugin_whose_import_hangs_fails_after_the_time_limit(install: Install, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str],
+                                                                command: list[str]):
+    monkeypatch.setenv("ATTNZOO_PLUGIN_TIMEOUT", "1")
+    install("fake-slow", {"fake-slow": "fake_slow:MeanGate"}, fake_slow="import time\ntime.sleep(60)\n" + GATE)
+
+    start = time.monotonic()
+    out, _ = _cli(command, capsys)
+    assert time.monotonic() - start < 20  # the import alone would take 60 s
+    assert "sagan" in out and "fake-slow" not in attnzoo.list_attention()
+    st = _status("fake-slow")
+    assert st.status == "failed" and "import took longer than 1s" in st.reason
+
+
+@pytest.mark.parametrize("command", [["list", "--json"], ["plugins", "--json"]])
+def test_a_plugin_that_prints_at_import_keeps_json_output_valid(install: Install, capsys: pytest.CaptureFixture[str],
+                                                                command: list[str]):
+    install("fake-loud", {"fake-loud": "fake_loud:MeanGate"}, fake_loud="print('hello from fake-loud')\n" + GATE)
+
+    out, err = _cli(command, capsys)
+    assert "fake-loud" in {row.get("name", row.get("dist")) for row in json.loads(out)}
+    assert "hello from fake-loud" in err
+
+
+@pytest.mark.parametrize("source, why", [
+    ("import argparse\nargparse.ArgumentParser(prog='fake').parse_args(['--no-such-option'])\n", "SystemExit: 2"),
+    ("raise SystemExit('bye')\n", "SystemExit: bye"),
+    ("raise KeyboardInterrupt\n", "KeyboardInterrupt"),
+], ids=["parse-args", "sys-exit", "keyboard-interrupt"])
+def test_a_plugin_that_exits_or_interrupts_at_import_is_skipped(install: Install, capsys: pytest.CaptureFixture[str],
+                                                                source: str, why: str):
+    install("fake-exit", {"fake-exit": "fake_exit:MeanGate"}, fake_exit=source + GATE)
+
+    with pytest.raises(UnknownNameError):
+        attnzoo.get_attention("fake-exit")
+    st = _status("fake-exit")
+    assert st.status == "failed" and why in st.reason
+    out, _ = _cli(["list"], capsys)
+    assert "sagan" in out and "fake-exit" in out
+
+
+THREAD = '''
+import threading
+
+stop = threading.Event()
+threading.Thread(target=stop.wait, name="fake-poller", daemon=False).start()
+'''
+
+
+def test_a_plugin_that_leaves_a_non_daemon_thread_is_reported(install: Install):
+    install("fake-thread", {"fake-thread": "fake_thread:MeanGate"}, fake_thread=THREAD + GATE)
+    try:
+        st = _status("fake-thread")
+        assert st.status == "failed" and "non-daemon thread(s) 'fake-poller'" in st.reason
+        assert "fake-poller" in [t.name for t in plugins.manager.stray_threads()]
+        assert "fake-thread" not in attnzoo.list_attention()
+    finally:
+        sys.modules["fake_thread"].stop.set()
+
+
+def test_the_cli_exits_although_a_plugin_left_a_thread_running(tmp_path: Path):
+    forever = THREAD.replace("stop.wait", "lambda: stop.wait(600)")
+    write_dist(tmp_path, "fake-forever", {"fake-forever": "fake_forever:MeanGate"}, fake_forever=forever + GATE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]),
+           "ATTNZOO_DISABLE_PLUGINS": "attnzoo-timm,attnzoo-simam", "OMP_NUM_THREADS": "1"}
+    env.pop("ATTNZOO_PLUGIN_TIMEOUT", None)
+
+    done = subprocess.run([sys.executable, "-m", "attnzoo", "plugins", "--json"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    status = {row["dist"]: row["status"] for row in json.loads(done.stdout)}
+    assert status["fake-forever"] == "failed" and status["attnzoo"] == "ok"
+    assert "not waiting for thread(s) 'fake-poller'" in done.stderr
+
+
+TAMPER = '''
+import attnzoo.run
+
+attnzoo.run.Run.predict = lambda self, images, bs=32: "not attnzoo's prediction"
+'''
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["run-loaded-before", "run-first-loaded-by-the-plugin"])
+def test_a_plugin_that_replaces_attnzoos_functions_is_reported(install: Install, monkeypatch: pytest.MonkeyPatch,
+                                                               loaded: bool):
+    import attnzoo.run
+    from attnzoo.doctor import check_plugins
+
+    predict = attnzoo.run.Run.predict
+    if not loaded:  # the plugin's import runs attnzoo/run.py again: there is nothing to compare with
+        monkeypatch.setattr(attnzoo, "run", attnzoo.run)
+        monkeypatch.delitem(sys.modules, "attnzoo.run")
+    install("fake-tamper", {"fake-tamper": "fake_tamper:MeanGate"}, fake_tamper=TAMPER + GATE)
+
+    st = _status("fake-tamper")
+    assert st.status == "tampered" and "modified attnzoo: run.Run.predict" in st.reason
+    assert "fake-tamper" not in attnzoo.list_attention()
+    assert next(c for c in check_plugins() if c.name == "plugin fake-tamper").status == "fail"
+    if loaded:
+        assert attnzoo.run.Run.predict is predict  # put back
 
 
 class SizedGate(nn.Module):
