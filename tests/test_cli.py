@@ -89,7 +89,7 @@ def test_list_and_layers_print_json(capsys):
      "data folder not found"),
     (["fit", "--backbone", "test_resnet", "--attn", "sagan", "--data", "demo", "--epochs", "0"], "epochs"),
     (["fit", "--backbone", "test_resnet", "--attn", "sagan", "--data", "demo", "--lr", "fast"], "--lr"),
-    (["show-attention", "/no/such.jpg", "--run", "."], "image not found"),
+    (["predict", "/no/such.jpg", "--run", "."], "image not found"),
     (["layers", "vgg16bn"], "did you mean 'vgg16_bn'"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(capsys, args, message):
