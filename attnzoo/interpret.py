@@ -780,12 +780,7 @@ def compare_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     out = []
     for p in paths:
         p = Path(p)
-        if not (p / CONFIG).is_file():
-            raise AttnzooError(f"not a run folder (no {CONFIG}): {p}")
-        try:
-            cfg = json.loads((p / CONFIG).read_text())
-        except json.JSONDecodeError as e:
-            raise AttnzooError(f"{p / CONFIG} is not valid JSON: {e}") from None
+        cfg = RunFolder(p).read_config()
         final = (cfg.get("metrics") or {}).get("final") or {}
         scores = (cfg.get("localization") or {}).get("scores") or {}
         best, cam = _best(scores, "attention"), _best(scores, "grad-cam")

@@ -119,3 +119,16 @@ def test_interpret_scores_are_added_to_a_valid_config_keeping_the_training_versi
     path.write_text(json.dumps({**config, "img_size": "32"}))
     with pytest.raises(AttnzooError, match="img_size"):
         update_config(tmp_path / "r", faithfulness={})
+
+
+def test_compare_reads_runs_against_the_same_schema(tmp_path):
+    from test_run import make_run
+
+    from attnzoo.interpret import compare_runs
+
+    make_run(tmp_path / "r")
+    path = tmp_path / "r" / "attnzoo.json"
+    assert compare_runs([tmp_path / "r"])[0]["backbone"] == "test_resnet"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "classes": "abc"}))
+    with pytest.raises(AttnzooError, match="attnzoo.json: classes: input should be a valid list"):
+        compare_runs([tmp_path / "r"])
