@@ -158,13 +158,12 @@ def fit(
 
 def _predict(images: list[Path], run: Path | None, top: int) -> tuple[Any, list, dict]:
     """The run (given, or the newest under ./runs), its top-k per image and the attention maps."""
+    from .outputs import existing_files
     from .run import latest_run, load_run
 
     if top < 1:
         raise AttnzooError(f"--top must be at least 1, got {top}")
-    for p in images:
-        if not p.is_file():
-            raise AttnzooError(f"image not found: {p}")
+    existing_files(images)
     r = load_run(run if run is not None else latest_run())
     probs, maps = r.predict(images)
     return r, r.top(probs, top), maps
@@ -181,11 +180,11 @@ def show_attention(
 ) -> None:
     """Predict IMAGES and write one PNG each: the image, top predictions and every site's attention map."""
     from .interpret import show_attention as show
-    from .outputs import per_image_outputs
+    from .outputs import existing_files, per_image_outputs
     from .run import latest_run, load_run
 
     run_dir = run if run is not None else latest_run()
-    per_image_outputs(images, out, run_dir / "attention")  # a bad --out fails before the model loads
+    per_image_outputs(existing_files(images), out, run_dir / "attention")  # bad input fails before the model loads
     r = load_run(run_dir)
     written = show(r, images, out, top)
     cols = ["image", *(f"#{k + 1}" for k in range(len(written[0][1]))), "written"]
@@ -417,41 +416,43 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     return tuple(classes)
 
 
+def _one_line(e: BaseException) -> tuple[str, int]:
+    """What to tell the user about ``e``, and the exit code."""
+    if isinstance(e, typer.Abort):
+        return "aborted", 130
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(e, (AttnzooError, TrainingFailed)):
+        return str(e), 2 if isinstance(e, AttnzooError) else 1
+    ctx = getattr(e, "ctx", None)  # a usage error: click's message, and where the help is
+    hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+    return e.format_message().rstrip(".") + hint, e.exit_code
+
+
 def _run_app(argv: list[str] | None = None) -> None:
     """Run the app, turning errors into one line and an exit code."""
     import warnings
 
     os.environ.setdefault("MPLBACKEND", "Agg")
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
-    err = None
+    _state["debug"] = False  # until --debug is parsed, also for a second main() in one process
     try:
         code = app(args=argv, prog_name="attnzoo", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except typer.Abort:
-        err, code = "aborted", 130
-    except KeyboardInterrupt:
-        err, code = "interrupted", 130
-    except AttnzooError as e:
-        err, code = str(e), 2
-    except TrainingFailed as e:
-        err, code = str(e), 1
     except Interrupted as e:
         _console(stderr=True).print(f"[yellow]interrupted:[/] {e}", soft_wrap=True)
         sys.exit(128 + e.signum)
-    except Exception as e:
-        if not isinstance(e, _usage_errors()):
-            raise
-        if not e.format_message():  # no arguments at all: typer has printed the help
-            sys.exit(e.exit_code)
-        ctx = getattr(e, "ctx", None)
-        hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
-        err, code = e.format_message().rstrip(".") + hint, e.exit_code
+    except (typer.Abort, KeyboardInterrupt, AttnzooError, TrainingFailed, *_usage_errors()) as e:
+        caught = e
+    if isinstance(caught, _usage_errors()) and not caught.format_message():
+        sys.exit(caught.exit_code)  # no arguments at all: typer has printed the help
+    err, code = _one_line(caught)
     if _state["debug"]:
         import traceback
 
-        traceback.print_exc()
+        traceback.print_exception(type(caught), caught, caught.__traceback__)
     from rich.markup import escape
 
     # escaped: messages quote paths and library errors, e.g. gloo's "[/path/pair.cc:561] Connection closed"

@@ -216,3 +216,8 @@ def test_version_is_printed_without_importing_torch():
               "    assert e.code in (0, None), e.code\nprint('TORCH', 'torch' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.stdout.splitlines() == [f"attnzoo {attnzoo.__version__}", "TORCH False"], done.stdout + done.stderr
+
+
+def test_debug_shows_the_traceback_of_a_mistake(capsys):
+    code, _, err = run_cli(capsys, "--debug", *FIT_DEMO, "--epochs", "0")
+    assert code == 2 and "Traceback" in err and "AttnzooError: epochs must be at least 1" in err
