@@ -80,6 +80,15 @@ class PluginTimeout(Exception):
     pass
 
 
+class _Failed(Exception):
+    """A guest's import failed with ``error`` (None: already recorded). Carried, never raised as itself, so that
+    a guest's SystemExit or KeyboardInterrupt does not reach the host's code."""
+
+    def __init__(self, error: BaseException | None):
+        super().__init__(error)
+        self.error = error
+
+
 def canonical(dist: str) -> str:
     """A distribution name as pip compares them (PEP 503): ``Attnzoo_Timm`` and ``attnzoo-timm`` are one."""
     return re.sub(r"[-_.]+", "-", dist).lower()
@@ -189,12 +198,12 @@ def _specs_from(ep: EntryPoint, obj: Any, registered: dict[str, registry.Attenti
 
 _MISSING = object()
 #: (owner id, attribute) -> (owner, attribute, label, value)
-Callables = dict[tuple[int, str], tuple[Any, str, str, Any]]
+_Callables = dict[tuple[int, str], tuple[Any, str, str, Any]]
 
 
-def _own_callables() -> Callables:
+def _own_callables() -> _Callables:
     """attnzoo's module-level callables and the methods of its classes, as loaded now."""
-    found: Callables = {}
+    found: _Callables = {}
     for modname, module in list(sys.modules.items()):
         if module is None or not (modname == HOST or modname.startswith(HOST + ".")):
             continue
@@ -220,7 +229,7 @@ def _origin(value: Any) -> str | None:
     return None
 
 
-def _tampering(before: Callables, package: str) -> list[str]:
+def _tampering(before: _Callables, package: str) -> list[str]:
     """What of attnzoo a guest replaced: changed since ``before`` (put back), or defined in ``package``'s files."""
     changed = set()
     for owner, attr, label, value in before.values():
@@ -425,46 +434,24 @@ class PluginManager:
         d = self._dists[entry.dist]
         if entry.loaded or entry.disabled or d.blocked:
             return
+        host = d.name == HOST
+        limit = 0.0 if host else time_limit()  # a bad ATTNZOO_PLUGIN_TIMEOUT is the user's error, before any import
         entry.loaded = True
         ep = entry.ep
-        where = f"{ep.name} ({ep.value})"
-        error: BaseException | None = None
-        obj, registered = None, {}
-        if d.name == HOST:
-            try:
-                obj, registered = _load(ep)
-            except Exception as e:
-                error = e
+        try:
+            obj, registered = _load(ep) if host else self._visit(d, entry, limit)
+            provided = _specs_from(ep, obj, registered, d.name)
+        except _Failed as failed:
+            error = failed.error
+        except Exception as e:  # the host's import errors, and contract errors
+            error = e
         else:
-            self._warm_up()
-            limit = time_limit()
-            visit = _contained(ep.name, ep.module.partition(".")[0], lambda: _load(ep), limit)
-            if visit.threads:
-                self._strays += visit.threads
-                names = ", ".join(repr(t.name) for t in visit.threads)
-                self._block(d, f"{where}: started non-daemon thread(s) {names} at import, which keep the process "
-                               f"alive")
-            if visit.tampered:
-                d.tampered += [t for t in visit.tampered if t not in d.tampered]
-                self._block(d)
-            if not visit.finished:
-                error = PluginTimeout(f"import took longer than {limit:g}s (ATTNZOO_PLUGIN_TIMEOUT)")
-                self._block(d)
-            elif visit.error is not None:
-                error = visit.error
-            else:
-                obj, registered = visit.value
-        if error is None and not d.blocked:
-            try:
-                provided = _specs_from(ep, obj, registered, d.name)
-            except PluginContractError as e:
-                error = e
+            error = None
         if error is not None:
             if _flag("ATTNZOO_RAISE_PLUGIN_ERRORS"):
                 raise error
-            d.failures.append(f"{where}: {_describe(error)}")
-            return
-        if d.blocked:
+            d.failures.append(f"{ep.name} ({ep.value}): {_describe(error)}")
+        if error is not None or d.blocked:
             return
         for name, spec in provided.items():
             d.names.append(name)
@@ -472,6 +459,26 @@ class PluginManager:
             if name == ep.name:
                 self._by_own_name.setdefault(name, set()).add(d.name)
             self._settle(name)
+
+    def _visit(self, d: _Dist, entry: _Entry, limit: float) -> tuple[Any, dict[str, registry.AttentionSpec]]:
+        """Import a third-party entry point, contained; what it did wrong is recorded, and raised as ``_Failed``."""
+        self._warm_up()
+        ep = entry.ep
+        visit = _contained(ep.name, ep.module.partition(".")[0], lambda: _load(ep), limit)
+        if visit.threads:
+            self._strays += visit.threads
+            names = ", ".join(repr(t.name) for t in visit.threads)
+            self._block(d, f"{ep.name} ({ep.value}): started non-daemon thread(s) {names} at import, which keep "
+                           "the process alive")
+        if visit.tampered:
+            d.tampered += [t for t in visit.tampered if t not in d.tampered]
+            self._block(d)
+        if not visit.finished:
+            self._block(d)
+            raise _Failed(PluginTimeout(f"import took longer than {limit:g}s (ATTNZOO_PLUGIN_TIMEOUT)"))
+        if visit.error is not None or d.blocked:
+            raise _Failed(visit.error)
+        return visit.value
 
     def _block(self, d: _Dist, reason: str = "") -> None:
         """Take a distribution out: none of its modules is used, and its other entry points are not imported."""

@@ -269,6 +269,27 @@ def test_using_a_builtin_imports_no_third_party_plugin(install: Install):
     assert "fake_lazy_fn" in sys.modules
 
 
+def test_an_entry_point_of_a_name_wins_over_a_function_that_registers_it(install: Install):
+    install("fake-by-class", {"fake-fn-a": "fake_by_class:MeanGate"}, fake_by_class=GATE)
+    install("fake-by-function", {"fake-fns": "fake_by_function:register"}, fake_by_function=REGISTER_TWO)
+
+    assert attnzoo.get_attention("fake-fn-a").source == "fake-by-class"
+    assert "fake_by_function" not in sys.modules  # the entry point named fake-fn-a settled it
+    assert attnzoo.get_attention("fake-fn-b").source == "fake-by-function"
+    assert attnzoo.get_attention("fake-fn-a").source == "fake-by-class"  # the same answer once all are imported
+    st = _status("fake-by-function")
+    assert st.status == "conflicting" and "use 'fake-by-function:fake-fn-a'" in st.reason
+
+
+def test_a_time_limit_that_is_not_a_number_is_a_users_mistake(install: Install, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("ATTNZOO_PLUGIN_TIMEOUT", "soon")
+    install("fake-when", {"fake-when": "fake_when:MeanGate"}, fake_when=GATE)
+    with pytest.raises(AttnzooError, match="ATTNZOO_PLUGIN_TIMEOUT must be a number of seconds above 0, got 'soon'"):
+        attnzoo.get_attention("fake-when")
+    monkeypatch.setenv("ATTNZOO_PLUGIN_TIMEOUT", "2.5")
+    assert attnzoo.get_attention("fake-when").source == "fake-when"
+
+
 @pytest.mark.parametrize("command", [["list", "--json"], ["plugins", "--json"]])
 def test_a_plugin_whose_import_hangs_fails_after_the_time_limit(install: Install, monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str],
