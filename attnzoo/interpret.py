@@ -59,14 +59,11 @@ def show_attention(run: Run, images: Sequence[str | Path], out: str | Path | Non
 
     ``out``: a ``.png`` file (one image) or a folder (default ``RUN/attention``). No file is written over:
     see ``outputs.per_image_outputs``. Returns ``(image, top predictions, file written)`` per image."""
-    from .outputs import per_image_outputs
+    from .outputs import existing_files, per_image_outputs
 
     if top < 1:
         raise AttnzooError(f"--top must be at least 1, got {top}")
-    images = [Path(p) for p in images]
-    for p in images:
-        if not p.is_file():
-            raise AttnzooError(f"image not found: {p}")
+    images = existing_files(images)
     targets, fresh = per_image_outputs(images, out, Path(run.path or ".") / "attention")
     probs, maps = run.predict(images)
     tops = run.top(probs, top)

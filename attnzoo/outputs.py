@@ -9,36 +9,50 @@ a name the user gave (``--out FILE``) that exists is an error.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import AttnzooError
 
 
-def file_mode() -> int:
-    """The mode a new file gets under the user's umask (0o666 & ~umask), as ``open()`` would give it."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
+def write_temporary(path: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` into a new file beside ``path`` (``.NAME.XXXXXXXX.tmp``) and return it; the caller
+    renames or links it into place. The file is created with mode 0o666 and the kernel applies the umask (and
+    any default ACL), as for any file a program creates; a ``write`` that puts another file in its place
+    (safetensors writes its own temporary, mode 0600) gets that mode back. On failure nothing is left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        mode = os.fstat(fd).st_mode & 0o7777
+        os.close(fd)
+        write(tmp)
+        if os.stat(tmp).st_mode & 0o7777 != mode:
+            os.chmod(tmp, mode)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def _numbered(path: Path, n: int) -> Path:
     return path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
 
 
-def write_new(path: str | os.PathLike, write: Callable[[Path], None], *, fresh: bool = True) -> Path:
+def write_new(path: str | os.PathLike, write: Callable[[Path], Any], *, fresh: bool = True) -> Path:
     """``write(tmp)``, then give it ``path``'s name without replacing anything; returns the name used.
 
     ``fresh``: a taken name moves on to ``NAME-2.SUFFIX`` and so on; else it is an ``AttnzooError``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = write_temporary(path, write)
     try:
-        write(tmp)
-        os.chmod(tmp, file_mode())
         n = 1
         while True:
             target = _numbered(path, n)
@@ -52,6 +66,15 @@ def write_new(path: str | os.PathLike, write: Callable[[Path], None], *, fresh: 
                 n += 1
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def existing_files(paths: Sequence[str | os.PathLike], what: str = "image") -> list[Path]:
+    """The paths, each an existing file, or one line naming the first that is not."""
+    out = [Path(p) for p in paths]
+    for p in out:
+        if not p.is_file():
+            raise AttnzooError(f"{what} not found: {p}" if not p.exists() else f"{what} is not a file: {p}")
+    return out
 
 
 def check_new_file(path: str | os.PathLike, what: str = "--out") -> Path:

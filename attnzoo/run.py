@@ -21,7 +21,6 @@ import io
 import json
 import os
 import re
-import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import AttnzooError
 from .model import AttentionModel, create_model
+from .outputs import write_temporary
 
 CONFIG = "attnzoo.json"
 WEIGHTS = "model.safetensors"
@@ -47,26 +47,10 @@ _TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|\.tmp[A-Za-z0-9]{6}")
 
 
 def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp_path)`` then rename: a crash never leaves a half-written file behind.
-
-    The temporary file is created with mode 0o666 and the kernel applies the umask (and any default ACL),
-    as for any file a program creates; a ``write`` that puts another file in its place (safetensors writes
-    its own temporary, mode 0600) gets that mode back."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
+    """``write(tmp_path)`` then rename: a crash never leaves a half-written file behind; the file gets the
+    mode the user's umask gives (``outputs.write_temporary``)."""
+    tmp = write_temporary(Path(path), write)
     try:
-        mode = os.fstat(fd).st_mode & 0o7777
-        os.close(fd)
-        write(tmp)
-        if os.stat(tmp).st_mode & 0o7777 != mode:
-            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -143,7 +127,13 @@ class Run:
             chunk = images[start : start + bs]
             x = torch.stack([im if isinstance(im, torch.Tensor) else self.preprocess(self.load_image(im))
                              for im in chunk]).to(device)
-            probs.append(self.model(x).float().softmax(-1).cpu())
+            out = self.model(x).float()
+            bad = (~torch.isfinite(out).all(1)).nonzero().flatten().tolist()
+            if bad:  # a NaN probability is no prediction: broken weights or preprocessing, never "blue nan%"
+                what = chunk[bad[0]] if not isinstance(chunk[bad[0]], torch.Tensor) else f"input {start + bad[0]}"
+                raise AttnzooError(f"the model of {self.path or 'this run'} gives NaN/inf for {what}: its weights "
+                                   f"or its preprocessing (mean/std in {CONFIG}) are broken")
+            probs.append(out.softmax(-1).cpu())
             for site, m in self.model.attention_maps().items():
                 maps.setdefault(site, []).append(m.cpu())
         return torch.cat(probs), {k: torch.cat(v) for k, v in maps.items()}

@@ -114,3 +114,18 @@ def test_errors_inside_a_module_name_it_and_its_site():
         attnzoo.create_model("test_resnet", "test-bad-init", at="layer2", num_classes=3, img_size=32)
     with pytest.raises(SiteError, match=r"'test-keyerror' at site 'layer2' failed: KeyError"):
         attnzoo.create_model("test_resnet", "test-keyerror", at="layer2", num_classes=3, img_size=32)
+
+
+def test_predict_refuses_to_print_nan_probabilities(tiny_run, tiny_folder):
+    from attnzoo.errors import AttnzooError
+
+    image = sorted((tiny_folder / "valid" / "red").glob("*.png"))[0]
+    run = attnzoo.load_run(tiny_run)
+    run.std = (0.0, 0.0, 0.0)  # a forged preprocessing: every input becomes inf
+    with pytest.raises(AttnzooError, match=rf"NaN/inf for {image}"):
+        run.predict([image])
+    run = attnzoo.load_run(tiny_run)
+    with torch.no_grad():
+        next(run.model.parameters()).fill_(float("nan"))
+    with pytest.raises(AttnzooError, match="weights"):
+        run.predict([image])
