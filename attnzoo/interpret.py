@@ -16,6 +16,7 @@ Grad-CAM side by side, how well attention finds the object (``attnzoo.localize``
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
 import math
@@ -32,7 +33,7 @@ from torch import nn
 
 from . import localize, viz
 from .errors import AttnzooError
-from .model import AttentionModel, _Hook, layers
+from .model import AttentionModel, layers, to_map
 from .run import CONFIG, WEIGHTS, Run, RunFolder, _atomic_write
 
 Progress = Callable[[str, int, int], None]  # (task, done, total)
@@ -214,7 +215,7 @@ def _site_to_map(model: nn.Module, site: str, img_size: int) -> Callable[[torch.
     if not isinstance(model, AttentionModel):
         return lambda t: t
     info = model.site_info.get(site) or next(s for s in layers(model.backbone_name, img_size) if s.name == site)
-    return _Hook(model, info, gate=False).to_map
+    return functools.partial(to_map, info)
 
 
 def gradcam(run_or_model: Run | nn.Module, x: torch.Tensor, target: int | Sequence[int] | torch.Tensor | None = None,

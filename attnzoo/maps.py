@@ -32,6 +32,10 @@ class MapRecorder:
     def __init__(self) -> None:
         self._thunks: dict[str, MapFn] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles hold no thunks: those are closures over the last forward's tensors."""
+        return {"_thunks": {}}
+
     def watch(self, key: str, module: nn.Module) -> None:
         module.__dict__[_SINK] = _Sink(self, key)
 

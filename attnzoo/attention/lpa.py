@@ -10,7 +10,8 @@ the classifier, which replaces the backbone's.
 When l and g differ in width, ``project='g'`` maps g down to each tap's channels with a linear layer
 (the paper's choice), ``project='l'`` lifts l to g's channels with a 1x1 conv. ``agg='concat'``
 concatenates the g_a of all taps into one linear classifier; ``agg='indep'`` gives each tap its own
-classifier and averages their logits.
+classifier and averages their logits. Compatibilities, their normalisation and the attended features
+are computed in float32 under autocast; the classifier runs in autocast's precision.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 from ..maps import report_map
 from ..registry import register_attention
+from .precision import float32_scores
 
 PAPER = "Jetley et al., Learn To Pay Attention, ICLR 2018 (arXiv:1804.02391)"
 
@@ -89,25 +91,43 @@ class LearnToPayAttention(nn.Module):
             raise ValueError("Learn To Pay Attention needs at least one tap")
         self.agg, self.norm = agg, norm
         self.taps = nn.ModuleList(_Tap(c, global_channels, compat, project) for c in local_channels)
+        self.reset_classifier(num_classes)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new classifier for ``num_classes`` (0: none; the model then gives the attended features)."""
         widths = [t.width for t in self.taps]
-        if agg == "concat":
+        self.num_classes = num_classes
+        if num_classes == 0:
+            self.classifier = nn.Identity()
+        elif self.agg == "concat":
             self.classifier = nn.Linear(sum(widths), num_classes)
         else:
             self.classifier = nn.ModuleList(nn.Linear(w, num_classes) for w in widths)
 
-    def forward(self, locals_: list[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
+    def pre_logits(self, locals_: list[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
+        """The attended features g_a of every tap, concatenated: what the classifier reads."""
+        return torch.cat(self._attend(locals_, g), 1)
+
+    def _attend(self, locals_: list[torch.Tensor], g: torch.Tensor) -> list[torch.Tensor]:
         attended, maps = [], []
-        for tap, l in zip(self.taps, locals_):
-            l, c = tap(l, g)
-            if self.norm == "softmax":
-                a = torch.softmax(c, dim=1)
-                g_a = torch.einsum("bn,bcn->bc", a, l.flatten(2))
-            else:
-                a = torch.sigmoid(c)
-                g_a = torch.einsum("bn,bcn->bc", a, l.flatten(2)) / a.shape[1]
-            attended.append(g_a)
-            maps.append(a.view(l.shape[0], *l.shape[2:]))
+        with float32_scores(g):
+            for tap, l in zip(self.taps, locals_):
+                dtype = tap.proj.weight.dtype  # float32 under autocast (its parameters are)
+                l, c = tap(l.to(dtype), g.to(dtype))
+                l, c = l.float(), c.float()
+                if self.norm == "softmax":
+                    a = torch.softmax(c, dim=1)
+                    g_a = torch.einsum("bn,bcn->bc", a, l.flatten(2))
+                else:
+                    a = torch.sigmoid(c)
+                    g_a = torch.einsum("bn,bcn->bc", a, l.flatten(2)) / a.shape[1]
+                attended.append(g_a.to(g.dtype))
+                maps.append(a.unflatten(1, l.shape[2:]))
         report_map(self, lambda: maps)
-        if self.agg == "concat":
+        return attended
+
+    def forward(self, locals_: list[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
+        attended = self._attend(locals_, g)
+        if self.agg == "concat" or isinstance(self.classifier, nn.Identity):
             return self.classifier(torch.cat(attended, 1))
         return torch.stack([fc(x) for fc, x in zip(self.classifier, attended)]).mean(0)

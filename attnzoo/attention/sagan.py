@@ -14,6 +14,9 @@ channels, q and k are zero-padded to that width (which leaves every q.k unchange
 heads. Off the GPU, where PyTorch's fused CPU backward is slow, a chunked implementation runs instead:
 queries in chunks, only the per-query log-sum-exp kept for the backward pass, which recomputes each
 chunk (the flash-attention recipe, in plain matmuls). Either way the result is the formula above.
+Chunks are sized by N alone (never by the batch), so a traced or exported graph keeps a dynamic batch,
+and every chunk is a new tensor joined by ``cat`` (no writes into slices, which tracing would drop).
+Scores and softmax run in float32 under autocast.
 """
 
 from __future__ import annotations
@@ -26,11 +29,17 @@ from torch import nn
 
 from ..maps import report_map
 from ..registry import register_attention
+from .precision import float32_scores
 
 #: width of the heads v is split into; the fused kernels are efficient at 32..128
 HEAD_WIDTH = 64
-#: elements of one chunk's [B, queries, N] score matrix in the chunked path (64 MB in fp32)
-CHUNK_ELEMS = 1 << 24
+#: elements per sample of one chunk's [queries, N] score matrix in the chunked path (4 MB in fp32)
+CHUNK_ELEMS = 1 << 20
+
+
+def chunk_size(n: int, elems: int | None = None) -> int:
+    """Queries per chunk for N positions: a function of N only, so the batch size stays free in a graph."""
+    return max(1, (CHUNK_ELEMS if elems is None else elems) // max(1, n))
 
 
 class ChunkedAttention(torch.autograd.Function):
@@ -38,15 +47,14 @@ class ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
-        b, n, _ = q.shape
-        out = v.new_empty(b, n, v.shape[-1])
-        lse = q.new_empty(b, n)
         kt = k.transpose(1, 2)
-        for s in range(0, n, chunk):
+        outs, lses = [], []
+        for s in range(0, q.shape[1], chunk):
             scores = q[:, s : s + chunk] @ kt  # [B, c, N]
             m = torch.logsumexp(scores, -1)
-            torch.bmm(scores.sub_(m[..., None]).exp_(), v, out=out[:, s : s + chunk])
-            lse[:, s : s + chunk] = m
+            outs.append(torch.bmm(scores.sub_(m[..., None]).exp_(), v))
+            lses.append(m)
+        out, lse = torch.cat(outs, 1), torch.cat(lses, 1)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.chunk = chunk
         return out
@@ -55,30 +63,32 @@ class ChunkedAttention(torch.autograd.Function):
     def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         kt, vt = k.transpose(1, 2), v.transpose(1, 2)
         rows = (dout * out).sum(-1)  # [B, N]: sum_j P_ij dP_ij
+        dqs = []
         for s in range(0, q.shape[1], ctx.chunk):
             e = s + ctx.chunk
             p = (q[:, s:e] @ kt).sub_(lse[:, s:e, None]).exp_()  # recomputed P, [B, c, N]
             dv.baddbmm_(p.transpose(1, 2), dout[:, s:e])
             ds = p.mul_((dout[:, s:e] @ vt).sub_(rows[:, s:e, None]))  # dS = P * (dP - rowsum)
-            torch.bmm(ds, k, out=dq[:, s:e])
+            dqs.append(torch.bmm(ds, k))
             dk.baddbmm_(ds.transpose(1, 2), q[:, s:e])
-        return dq, dk, dv, None
+        return torch.cat(dqs, 1), dk, dv, None
 
 
-def received_attention(q: torch.Tensor, k: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
-    """Mean over queries of softmax(q k^T): the attention each key position receives, [B, N].
+def received_attention(q: torch.Tensor, k: torch.Tensor, chunk_elems: int | None = None) -> torch.Tensor:
+    """Mean over queries of softmax(q k^T): the attention each key position receives, [B, N], float32.
 
-    q, k: [B, N, d]. Queries are processed in chunks so the full matrix is never held.
+    q, k: [B, N, d]. Queries are processed in chunks (``chunk_elems`` per sample) so the full matrix is
+    never held.
     """
-    b, n, _ = q.shape
-    step = max(1, chunk_elems // max(1, b * n))
-    total = q.new_zeros(b, n, dtype=torch.float32)
-    for start in range(0, n, step):
-        total += torch.softmax(q[:, start : start + step].float() @ k.float().transpose(1, 2), -1).sum(1)
-    return total / n
+    n = q.shape[1]
+    step = chunk_size(n, chunk_elems)
+    kt = k.float().transpose(1, 2)
+    with float32_scores(q):
+        parts = [torch.softmax(q[:, s : s + step].float() @ kt, -1).sum(1) for s in range(0, n, step)]
+    return torch.stack(parts).sum(0) / n
 
 
 @register_attention(
@@ -107,19 +117,20 @@ class SelfAttention(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        n = h * w
+        h, w = x.shape[-2:]
         # the fused kernels need unit stride along the feature dim, hence the copies (O(N*C), not O(N^2))
         q = self.query(x).flatten(2).transpose(1, 2).contiguous()  # [B, N, d]
         k = self.key(x).flatten(2).transpose(1, 2).contiguous()
         v = self.value(x).flatten(2).transpose(1, 2).contiguous()  # [B, N, C]
-        if self.backend == "chunked" or (self.backend == "auto" and not x.is_cuda):
-            o = ChunkedAttention.apply(q, k, v, max(1, CHUNK_ELEMS // max(1, b * n)))
-        else:
-            o = self._sdpa(q, k, v)
-        o = o.transpose(1, 2).reshape(b, c, h, w)
-        report_map(self, lambda: received_attention(q.detach(), k.detach()).view(b, h, w))
-        return x + self.gamma * o  # the sum keeps x's memory format (o is channels_last-strided)
+        with float32_scores(x):
+            q32, k32, v32 = q.float(), k.float(), v.float()
+            if self.backend == "chunked" or (self.backend == "auto" and not x.is_cuda):
+                o = ChunkedAttention.apply(q32, k32, v32, chunk_size(h * w))
+            else:
+                o = self._sdpa(q32, k32, v32)
+            o = self.gamma * o.transpose(1, 2).unflatten(2, (h, w))
+        report_map(self, lambda: received_attention(q.detach(), k.detach()).unflatten(1, (h, w)))
+        return x + o.to(x.dtype)  # the sum keeps x's memory format (o is channels_last-strided)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The fused-kernel path: v in heads of ``head_width``, q and k zero-padded to it and shared."""

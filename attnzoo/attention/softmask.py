@@ -6,7 +6,8 @@ small conv stack) scores each position, and the gate multiplies the features ele
     s = f(x)   sigmoid:  m = sigmoid(s) in (0, 1)     softmax:  m = h*w * softmax_positions(s)  (mean 1)
     y = m * x
 
-The softmax mask is rescaled so its mean is 1 and the gated features keep their scale.
+The softmax mask is rescaled so its mean is 1 and the gated features keep their scale. Scores and
+mask are computed in float32 under autocast.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from ..errors import SiteError
 from ..maps import report_map
 from ..registry import register_attention
+from .precision import float32_scores
 
 
 class SoftMask(nn.Module):
@@ -49,13 +51,14 @@ class SoftMask(nn.Module):
             raise SiteError(f"softmax attention over a {shape[-2]}x{shape[-1]} map is constant (use an earlier site)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.score(x)  # [B, 1, h, w]
-        if self.norm == "sigmoid":
-            m = torch.sigmoid(s)
-        else:
-            m = torch.softmax(s.flatten(1), 1).view_as(s) * (s.shape[-1] * s.shape[-2])
+        with float32_scores(x):
+            s = self.score(x.to(next(self.score.parameters()).dtype)).float()  # [B, 1, h, w]
+            if self.norm == "sigmoid":
+                m = torch.sigmoid(s)
+            else:
+                m = torch.softmax(s.flatten(1), 1).view_as(s) * (s.shape[-1] * s.shape[-2])
         report_map(self, lambda: m[:, 0])
-        return x * m
+        return x * m.to(x.dtype)
 
 
 register_attention(
