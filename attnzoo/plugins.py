@@ -13,17 +13,17 @@ way, or on a listing (``list_attention``, ``attnzoo list`` / ``plugins`` / ``doc
 imports that distribution only. So ``create_model(..., attn="sagan")`` imports no third-party plugin,
 and a name nobody provides (a typo) imports all of them before it is an error.
 
-**Contained imports.** A third-party import (and the call of a function entry point) runs on a daemon
-thread with a time limit, ``ATTNZOO_PLUGIN_TIMEOUT`` seconds (default 5; torch and timm are imported
-before it starts). Meanwhile ``sys.stdout`` is ``sys.stderr``, so ``--json`` output stays clean. Any
-exception, ``SystemExit`` and ``KeyboardInterrupt`` included, and an import past its limit make the plugin
-``failed``. Registrations made on that thread go to a private record (``registry.capturing``), never the
-registry. A non-daemon thread the import leaves running fails the plugin and is kept in
-``PluginManager.stray_threads`` (the CLI then exits without waiting for it). attnzoo's functions, classes
-and methods are compared before and after: a plugin that replaced one (``run.Run.predict``) is
-``tampered``, what was replaced is put back when attnzoo had it loaded before, and its modules are not
-used. Out of reach: what a plugin does after its time limit, writes to file descriptor 1, ``os._exit``,
-signals, changes to other libraries, and code that never releases the interpreter.
+**Contained imports.** A third-party import (and the call of a function entry point) runs on a daemon thread
+with a time limit, ``ATTNZOO_PLUGIN_TIMEOUT`` seconds (default 10: room for a cold import of timm on a slow
+disk; torch is already imported, with the built-ins). Meanwhile ``sys.stdout`` is ``sys.stderr``, so
+``--json`` output stays clean. Any exception, ``SystemExit`` and ``KeyboardInterrupt`` included, and an
+import past its limit make the plugin ``failed``. Registrations made on that thread go to a private record
+(``registry.capturing``), never the registry. A non-daemon thread the import leaves running fails the plugin
+and is kept in ``PluginManager.stray_threads`` (the CLI then exits without waiting for it). attnzoo's
+functions, classes and methods are compared before and after: a plugin that replaced one
+(``run.Run.predict``) is ``tampered``, what was replaced is put back when attnzoo had it loaded before, and
+its modules are not used. Out of reach: what a plugin does after its time limit, writes to file descriptor
+1, ``os._exit``, signals, changes to other libraries, and code that never releases the interpreter.
 
 Collisions are settled by one rule, whatever was imported first:
 
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 GROUP = "attnzoo.attention"
 HOST = "attnzoo"
 IN_PROCESS = "this process"
-DEFAULT_TIMEOUT = 5.0
+DEFAULT_TIMEOUT = 10.0
 
 
 @dataclass
@@ -107,7 +107,7 @@ def _disabled() -> set[str] | bool:
 
 
 def time_limit() -> float:
-    """Seconds one plugin import may take: ``ATTNZOO_PLUGIN_TIMEOUT``, default 5."""
+    """Seconds one plugin import may take: ``ATTNZOO_PLUGIN_TIMEOUT``, default 10."""
     value = os.environ.get("ATTNZOO_PLUGIN_TIMEOUT", "").strip()
     if not value:
         return DEFAULT_TIMEOUT
@@ -337,7 +337,6 @@ class PluginManager:
 
     def __init__(self) -> None:
         self._strays: list[threading.Thread] = []
-        self._warm = False
         self._clear()
 
     def _clear(self) -> None:
@@ -462,7 +461,6 @@ class PluginManager:
 
     def _visit(self, d: _Dist, entry: _Entry, limit: float) -> tuple[Any, dict[str, registry.AttentionSpec]]:
         """Import a third-party entry point, contained; what it did wrong is recorded, and raised as ``_Failed``."""
-        self._warm_up()
         ep = entry.ep
         visit = _contained(ep.name, ep.module.partition(".")[0], lambda: _load(ep), limit)
         if visit.threads:
@@ -490,16 +488,6 @@ class PluginManager:
             if providers.pop(d.name, None) is not None:
                 self._by_own_name.get(name, set()).discard(d.name)
                 self._settle(name)
-
-    def _warm_up(self) -> None:
-        """attnzoo's own heavy dependencies are imported before a time limit starts: the limit is the plugin's."""
-        if not self._warm:
-            self._warm = True
-            for module in ("torch", "timm"):
-                try:
-                    __import__(module)
-                except Exception:  # a broken install is doctor's to report; the plugin's import will say so too
-                    pass
 
     # -- collisions
 
