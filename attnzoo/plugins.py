@@ -229,8 +229,9 @@ def _origin(value: Any) -> str | None:
     return None
 
 
-def _tampering(before: _Callables, package: str) -> list[str]:
-    """What of attnzoo a guest replaced: changed since ``before`` (put back), or defined in ``package``'s files."""
+def _tampering(before: _Callables, package: str, loaded: set[str]) -> list[str]:
+    """What of attnzoo a guest replaced: changed since ``before`` (put back), or defined in the modules of
+    ``package`` that its import brought in (not in ``loaded``): they cover attnzoo modules it loaded itself."""
     changed = set()
     for owner, attr, label, value in before.values():
         if vars(owner).get(attr, _MISSING) is not value:
@@ -239,7 +240,7 @@ def _tampering(before: _Callables, package: str) -> list[str]:
     guest_files = {
         getattr(m, "__file__", None)
         for name, m in list(sys.modules.items())
-        if name == package or name.startswith(package + ".")
+        if (name == package or name.startswith(package + ".")) and name not in loaded
     } - {None}
     for _, _, label, value in _own_callables().values():
         if _origin(value) in guest_files:
@@ -269,7 +270,7 @@ def _contained(label: str, package: str, fn: Callable[[], Any], limit: float) ->
             visit.error = e
 
     threads = set(threading.enumerate())
-    before = _own_callables()
+    before, loaded = _own_callables(), set(sys.modules)
     # threads the guest starts inherit daemon=True from this one unless it asks otherwise
     thread = threading.Thread(target=run, name=f"attnzoo plugin import {label}", daemon=True)
     with redirect_stdout(sys.stderr if sys.stderr is not None else io.StringIO()):
@@ -277,7 +278,7 @@ def _contained(label: str, package: str, fn: Callable[[], Any], limit: float) ->
         thread.join(limit)
     visit.finished = not thread.is_alive()
     visit.threads = [t for t in threading.enumerate() if t not in threads and t is not thread and not t.daemon]
-    visit.tampered = _tampering(before, package)
+    visit.tampered = _tampering(before, package, loaded)
     return visit
 
 
