@@ -1,129 +1,21 @@
-"""How well an attention map finds the object: scores against object boxes.
+"""Object boxes of a data folder: ``boxes.csv`` read and scaled to the model's input.
 
-Two standard scores, placing the map on the image as the figures do (bilinear upsampling, each map cell's
-value at its cell's centre):
-
-- **pointing game** (Zhang et al., 2016, "Top-down Neural Attention by Excitation Backprop",
-  https://arxiv.org/abs/1608.00507): a hit when the map's maximum lies inside the box. The maximum is the
-  peak cell, at its centre in image pixels, which is where bilinear upsampling puts that cell's value.
-  (The maximum *pixel* of the upsampled map would be biased: edge clamping keeps border cells undiluted while
-  interior peaks are blended with their neighbours, so the upsampled maximum of a spiky map drifts to the
-  border; on the demo boxes, noise maps hit 5-10% of the time instead of the 16% any unbiased rule gives.)
-  Tied peak cells count as a hit when at least half of them lie inside; a constant map points nowhere and
-  never hits.
-- **energy in box** (the "energy-based pointing game" of Score-CAM, Wang et al., 2020,
-  https://arxiv.org/abs/1910.01279): the mass of the bilinearly upsampled map inside the box over its total
-  mass. The map is first shifted so that its minimum is 0 (attention maps and logits may be negative; a
-  constant offset would otherwise count as mass everywhere), so a constant map scores exactly the box's
-  area fraction.
-
-A map that knows nothing about the object scores the box's area fraction on both, in expectation
-(``random_baseline``); ``random_maps`` gives seeded noise maps to score through the same code.
-
-Boxes are ``(x_min, y_min, x_max, y_max)`` in pixels of the image the map is compared with, max exclusive
-(``boxes.csv`` at a data root holds them in pixels of the original images; ``load_boxes`` scales them to the
-model's input, since images are squashed to it). A pixel belongs to the box when its centre does.
+Boxes are ``(x_min, y_min, x_max, y_max)`` in pixels, max exclusive. ``boxes.csv`` at a data root holds them in
+pixels of the original images; ``load_boxes`` scales them to the model's input, since images are squashed to
+it. ``attnzoo.metrics`` scores maps against them.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
-from .viz import _as_map, upsample_map
+from .metrics import Box
 
-Box = tuple[float, float, float, float]
 BOXES_FILE = "boxes.csv"
-
-
-def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
-    """``S`` or ``(H, W)`` -> ``(H, W)``."""
-    if isinstance(image_size, int):
-        return image_size, image_size
-    h, w = image_size
-    return int(h), int(w)
-
-
-def box_mask(box: Box, image_size: int | Sequence[int]) -> np.ndarray:
-    """Boolean ``(H, W)`` mask of the pixels whose centre lies in ``box``."""
-    h, w = _hw(image_size)
-    x0, y0, x1, y1 = box
-    xs = np.arange(w) + 0.5
-    ys = np.arange(h) + 0.5
-    return ((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :]
-
-
-def _upsampled(m: torch.Tensor | np.ndarray, image_size: int | Sequence[int]) -> np.ndarray:
-    """The map at image size, min-shifted and scaled to [0, 1] (scores below are scale-free)."""
-    return upsample_map(m, _hw(image_size))
-
-
-def pointing_game(m: torch.Tensor | np.ndarray, box: Box, image_size: int | Sequence[int]) -> bool:
-    """Does the maximum of the map ``m``, placed on the image, lie inside ``box``? See the module docstring."""
-    arr = _as_map(m).astype(np.float64)
-    lo, hi = float(arr.min()), float(arr.max())
-    if not hi - lo > 1e-12 * max(1.0, abs(hi)):
-        return False
-    h, w = _hw(image_size)
-    rows, cols = np.nonzero(arr >= hi - 1e-6 * (hi - lo))
-    xs = (cols + 0.5) * w / arr.shape[1]
-    ys = (rows + 0.5) * h / arr.shape[0]
-    x0, y0, x1, y1 = box
-    inside = (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
-    return bool(inside.mean() >= 0.5)
-
-
-def energy_in_box(m: torch.Tensor | np.ndarray, box: Box, image_size: int | Sequence[int]) -> float:
-    """Fraction of the (upsampled, min-shifted) map's mass inside ``box``; a constant map gives the box's area."""
-    up = _upsampled(m, image_size).astype(np.float64)  # in [0, 1], max 1 (a constant map: 0.5 everywhere)
-    return float(up[box_mask(box, image_size)].sum() / up.sum())
-
-
-def box_area_fraction(box: Box, image_size: int | Sequence[int]) -> float:
-    return float(box_mask(box, image_size).mean())
-
-
-def random_baseline(boxes: Sequence[Box], image_size: int | Sequence[int]) -> dict[str, float]:
-    """Expected scores of a map that knows nothing about the object: both are the mean box area fraction.
-
-    (A random map's maximum falls anywhere with equal probability, and its expected mass is spread evenly.)
-    """
-    area = float(np.mean([box_area_fraction(b, image_size) for b in boxes])) if boxes else float("nan")
-    return {"pointing": area, "energy": area}
-
-
-def random_maps(n: int, size: Sequence[int], seed: int = 0) -> torch.Tensor:
-    """``n`` seeded uniform-noise maps of ``size=(h, w)``: the sampled random baseline."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, int(size[0]), int(size[1]), generator=g)
-
-
-def score_maps(
-    maps: Mapping[str, torch.Tensor | np.ndarray],
-    boxes: Sequence[Box | None],
-    image_size: int | Sequence[int],
-) -> dict[str, dict[str, float]]:
-    """``{name: {"pointing": hit rate, "energy": mean energy in box, "images": count}}`` over the images
-    that have a box (``None`` entries are skipped). ``maps[name]`` is ``[N, h, w]``, aligned with ``boxes``.
-    """
-    keep = [i for i, b in enumerate(boxes) if b is not None]
-    out: dict[str, dict[str, float]] = {}
-    for name, ms in maps.items():
-        if len(ms) != len(boxes):
-            raise ValueError(f"maps[{name!r}] has {len(ms)} maps for {len(boxes)} boxes")
-        hits = [pointing_game(ms[i], boxes[i], image_size) for i in keep]
-        energy = [energy_in_box(ms[i], boxes[i], image_size) for i in keep]
-        out[name] = {
-            "pointing": float(np.mean(hits)) if keep else float("nan"),
-            "energy": float(np.mean(energy)) if keep else float("nan"),
-            "images": len(keep),
-        }
-    return out
 
 
 def scale_box(box: Sequence[float], from_size: Sequence[int], to_size: Sequence[int]) -> Box:
@@ -156,7 +48,7 @@ def load_boxes(root: str | os.PathLike, images: Sequence[str | os.PathLike],
 
     root = Path(root)
     table = read_boxes(root)
-    h, w = _hw(image_size)
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     out: list[Box | None] = []
     for image in images:
         key = _relative(Path(image), root)

@@ -203,7 +203,7 @@ def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
 # --------------------------------------------------------------------------
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     """A standalone white figure with an Agg canvas (no pyplot involvement)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -316,7 +316,7 @@ def attention_figure(
 
     width = 2 * margin + panel + n_sites * (gap + panel + cbar_room)
     height = margin + sup_h + title_h + ph + pred_h + margin
-    fig = _new_figure(width, height)
+    fig = new_figure(width, height)
     y0 = margin + pred_h
     max_chars = _chars_fitting(panel + 0.3, _TITLE_PT)
 
@@ -412,7 +412,7 @@ def attention_grid(
     width = 2 * margin + row_width
     height = margin + sup_h + header_h + n * cap_h + sum(row_h) + max(0, n - 1) * row_gap
     height += cbar_h + margin
-    fig = _new_figure(width, max(height, 1.0))
+    fig = new_figure(width, max(height, 1.0))
     header_chars = _chars_fitting(panel + hgap, _TITLE_PT)
 
     top = height - margin - sup_h
@@ -503,7 +503,7 @@ def images_figure(
     title_h = lines * _TEXT_PT * _LINE_IN + 0.1
     width = 2 * margin + ncols * panel + (ncols - 1) * hgap
     height = 2 * margin + nrows * title_h + sum(row_h) + (nrows - 1) * vgap
-    fig = _new_figure(width, height)
+    fig = new_figure(width, height)
     max_chars = _chars_fitting(panel + hgap, _TEXT_PT)
     for k, img in enumerate(imgs):
         r, c = divmod(k, ncols)

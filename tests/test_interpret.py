@@ -14,17 +14,10 @@ from torch import nn
 
 import attnzoo
 from attnzoo.cli import main
-from attnzoo.interpret import (
-    compare_runs,
-    confusion_matrix,
-    deletion_auc,
-    deletion_curves,
-    gradcam,
-    gradcam_site,
-    load_batch,
-    most_confused,
-)
-from attnzoo.localize import load_boxes, score_maps
+from attnzoo.explain import gradcam_site
+from attnzoo.interpret import compare_runs, deletion_curves, gradcam, load_batch
+from attnzoo.localize import load_boxes
+from attnzoo.metrics import confusion_matrix, curve_auc, most_confused, score_maps
 from attnzoo.run import save_run
 
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
@@ -101,12 +94,12 @@ def test_deleting_the_pixels_a_map_points_at_first_is_faithful_when_the_class_re
     curves = deletion_curves(model, x, [1], {"evidence": right, "elsewhere": left}, steps=4)
     assert curves["evidence"].shape == (5,)
     assert curves["evidence"][0] == curves["elsewhere"][0] and curves["evidence"][-1] == curves["elsewhere"][-1]
-    assert deletion_auc(curves["evidence"]) < deletion_auc(curves["elsewhere"])
+    assert curve_auc(curves["evidence"]) < curve_auc(curves["elsewhere"])
 
 
 def test_deletion_auc_is_the_mean_height_of_the_curve():
-    assert deletion_auc([0.5, 0.5, 0.5]) == pytest.approx(0.5)
-    assert deletion_auc([1.0, 0.0]) == pytest.approx(0.5)
+    assert curve_auc([0.5, 0.5, 0.5]) == pytest.approx(0.5)
+    assert curve_auc([1.0, 0.0]) == pytest.approx(0.5)
 
 
 def test_most_confused_lists_the_largest_off_diagonal_cells():

@@ -6,14 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from attnzoo.localize import (
+from attnzoo.localize import load_boxes, scale_box
+from attnzoo.metrics import (
     box_area_fraction,
     energy_in_box,
-    load_boxes,
     pointing_game,
     random_baseline,
     random_maps,
-    scale_box,
     score_maps,
 )
 

@@ -1,0 +1,126 @@
+"""Matplotlib figures of a run: learning curves, confusion matrix, perturbation curves and grouped bars.
+
+Each function returns a figure; ``viz.save_figure`` writes it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import viz
+from .metrics import curve_auc
+
+
+def history_figure(rows: Sequence[dict[str, float]]) -> Any:
+    """Train and valid loss per epoch, and the metrics on a second axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = viz.new_figure(6.4, 3.6)
+    ax = fig.add_axes((0.1, 0.15, 0.78, 0.72))
+    epochs = [r["epoch"] for r in rows]
+    for key, style in (("train_loss", "-o"), ("valid_loss", "-s")):
+        if any(key in r for r in rows):
+            ax.plot(epochs, [r.get(key, np.nan) for r in rows], style, label=key.replace("_", " "), ms=4)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    metrics = [k for k in rows[0] if k not in ("epoch", "time", "train_loss", "valid_loss")] if rows else []
+    lines, labels = ax.get_legend_handles_labels()
+    if metrics:
+        ax2 = ax.twinx()
+        for key in metrics:
+            ax2.plot(epochs, [r.get(key, np.nan) for r in rows], "-^", color="tab:green", label=key, ms=4)
+        ax2.set_ylabel(", ".join(metrics))
+        ax2.set_ylim(0, 1.02)
+        more = ax2.get_legend_handles_labels()
+        lines, labels = lines + more[0], labels + more[1]
+    ax.legend(lines, labels, loc="center right", fontsize=8)
+    ax.set_title("learning curves", fontsize=11, fontweight="bold")
+    return fig
+
+
+def confusion_figure(cm: np.ndarray, classes: Sequence[str]) -> Any:
+    """A confusion matrix with counts in the cells (rows: actual, columns: predicted)."""
+    n = len(classes)
+    side = max(3.6, 0.55 * n + 1.8)
+    fig = viz.new_figure(side + 0.8, side)
+    ax = fig.add_axes((0.22, 0.2, 0.62, 0.7))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    top = cm.max() if cm.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if cm[i, j] > top / 2 else "black")
+    acc = np.trace(cm) / max(1, cm.sum())
+    ax.set_title(f"confusion matrix (accuracy {acc:.1%})", fontsize=11, fontweight="bold")
+    return fig
+
+
+def _style(name: str) -> dict[str, Any]:
+    if name.startswith("Grad-CAM"):
+        return dict(ls="--", marker="s", color="black")
+    if name == "random":
+        return dict(ls=":", marker="", color="grey")
+    return dict(ls="-", marker="o")
+
+
+def deletion_figure(curves: Mapping[str, Sequence[float]], title: str = "deletion curves") -> Any:
+    """Probability of the true class against the share of pixels deleted, most attended first, per map."""
+    fig = viz.new_figure(6.4, 3.8)
+    ax = fig.add_axes((0.1, 0.14, 0.6, 0.74))
+    for name, curve in curves.items():
+        xs = np.linspace(0, 100, len(curve))
+        ax.plot(xs, curve, ms=3.5, label=f"{name}  AUC {curve_auc(curve):.3f}", **_style(name))
+    ax.set_xlabel("pixels deleted, most attended first (%)")
+    ax.set_ylabel("probability of the true class")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, title="map (lower AUC = more faithful)",
+              title_fontsize=8, frameon=False)
+    ax.set_title(title, fontsize=11, fontweight="bold")
+    return fig
+
+
+# --------------------------------------------------------------------------- bars (localisation, compare)
+
+
+def bar_figure(groups: Sequence[str], series: Mapping[str, Sequence[float]], title: str, ylabel: str,
+               hlines: Mapping[str, float] | None = None) -> Any:
+    """Grouped bars in [0, 1], values written on top; NaN values get no bar; ``hlines`` are dashed references."""
+    n, k = len(groups), max(1, len(series))
+    plot_w = max(3.0, n * (0.35 * k + 0.5))
+    fig_w = 0.8 + plot_w + 2.0  # room for the legend on the right
+    fig = viz.new_figure(fig_w, 3.8)
+    ax = fig.add_axes((0.8 / fig_w, 0.24, plot_w / fig_w, 0.64))
+    width = 0.8 / k
+    for j, (name, values) in enumerate(series.items()):
+        xs = np.arange(n) + (j - (k - 1) / 2) * width
+        vals = np.asarray(values, dtype=float)
+        ok = ~np.isnan(vals)
+        bars = ax.bar(xs[ok], vals[ok], width * 0.92, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+    for name, y in (hlines or {}).items():
+        ax.axhline(y, ls="--", lw=1, color="grey", label=name)
+    ax.set_xticks(range(n), groups, rotation=20 if n > 3 else 0, ha="right" if n > 3 else "center", fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    ax.set_title(title, fontsize=11, fontweight="bold")
+    return fig
+
+
+def localization_figure(localization: Mapping[str, Any]) -> Any:
+    """Pointing game and energy in box per map, with chance as a dashed line."""
+    scores = {k: v for k, v in localization["scores"].items() if v["kind"] != "chance"}
+    chance = localization["scores"].get("chance", {}).get("energy")
+    return bar_figure(list(scores), {m: [v[m] for v in scores.values()] for m in ("pointing", "energy")},
+                      f"does attention find the object? ({localization['images']} images)", "score",
+                      {"chance": chance} if chance is not None else None)
