@@ -14,7 +14,8 @@ from torch import nn
 
 import attnzoo
 from attnzoo.cli import main
-from attnzoo.explain import gradcam_site
+from attnzoo.errors import AttnzooError
+from attnzoo.explain import CAM_METHODS, cam, cam_methods, gradcam_site
 from attnzoo.interpret import compare_runs, deletion_curves, gradcam, load_batch
 from attnzoo.localize import load_boxes
 from attnzoo.metrics import confusion_matrix, curve_auc, most_confused, score_maps
@@ -73,18 +74,48 @@ def test_gradcam_leaves_parameter_gradients_and_training_mode_alone():
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("attn, at, size", [("lpa-pc", None, 2), (None, None, 2), ("softmask-sigmoid", "layer2", 4)])
-def test_gradcam_maps_the_deepest_site_of_test_resnet(attn, at, size):
+@pytest.mark.parametrize("attn, at", [("lpa-pc", None), (None, None), ("softmask-sigmoid", "layer2")])
+def test_a_cam_looks_at_the_last_feature_level_with_more_than_one_cell(attn, at):
     torch.manual_seed(0)
     model = attnzoo.create_model("test_resnet", attn, at=at, num_classes=3, img_size=32)
-    assert gradcam_site(model, 32) == (at or "layer3")
-    cam = gradcam(model, torch.randn(3, 3, 32, 32), target=[0, 1, 2])
-    assert cam.shape == (3, size, size) and (cam >= 0).all()
+    assert gradcam_site(model, 32) == "layer3"  # layer4 is 1 x 1 at 32 px
+    cam_map = gradcam(model, torch.randn(3, 3, 32, 32), target=[0, 1, 2])
+    assert cam_map.shape == (3, 2, 2) and (cam_map >= 0).all()
 
 
-def test_gradcam_reshapes_vit_tokens_to_their_grid():
+def test_gradcam_reshapes_vit_tokens_to_their_grid_at_the_final_blocks_norm():
+    torch.manual_seed(0)
     model = attnzoo.create_model("test_vit", None, num_classes=3)
-    assert gradcam(model, torch.randn(1, 3, 160, 160)).shape == (1, 10, 10)
+    assert gradcam_site(model, 160) == "blocks.5.norm1"
+    cam_map = gradcam(model, torch.randn(1, 3, 160, 160))
+    assert cam_map.shape == (1, 10, 10) and cam_map.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", sorted(CAM_METHODS))
+def test_each_cam_equals_pytorch_grad_cam_called_directly_on_the_same_model_and_layer(method):
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    model = attnzoo.create_model("test_resnet", "lpa-pc", num_classes=3, img_size=32).eval()
+    x, targets = torch.randn(3, 3, 32, 32), [0, 1, 2]
+    ours = cam(model, x, targets, method)
+    direct = getattr(pytorch_grad_cam, CAM_METHODS[method].cls)(model=model, target_layers=[model.backbone.layer3])
+    expected = direct(x, [ClassifierOutputTarget(t) for t in targets])
+    np.testing.assert_allclose(scale_cam_image(ours.numpy(), (32, 32)), expected, atol=1e-4)
+
+
+def test_an_all_zero_cam_stays_zero():
+    model = TwoRegions()
+    x = torch.zeros(1, 3, 4, 8)  # no evidence anywhere
+    assert torch.equal(gradcam(model, x, target=0, site="feat"), torch.zeros(1, 4, 8))
+
+
+def test_cam_methods_read_comma_lists_and_name_the_close_one():
+    assert cam_methods(["gradcam,scorecam", "gradcam++", "gradcam"]) == ["gradcam", "scorecam", "gradcam++"]
+    with pytest.raises(AttnzooError, match="did you mean 'gradcam'"):
+        cam_methods("gradcma")
 
 
 def test_deleting_the_pixels_a_map_points_at_first_is_faithful_when_the_class_rests_on_them():
