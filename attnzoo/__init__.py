@@ -31,6 +31,7 @@ _LAZY = {
     "FitConfig": "config",
     "load_run": "run",
     "Run": "run",
+    "export": "deploy",
 }
 
 __all__ = [

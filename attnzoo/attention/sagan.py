@@ -42,19 +42,25 @@ def chunk_size(n: int, elems: int | None = None) -> int:
     return max(1, (CHUNK_ELEMS if elems is None else elems) // max(1, n))
 
 
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T) v and the per-query log-sum-exp, ``chunk`` queries at a time (forward only)."""
+    kt = k.transpose(1, 2)
+    outs, lses = [], []
+    for s in range(0, q.shape[1], chunk):
+        scores = q[:, s : s + chunk] @ kt  # [B, c, N]
+        m = torch.logsumexp(scores, -1)
+        outs.append(torch.bmm(scores.sub_(m[..., None]).exp_(), v))
+        lses.append(m)
+    return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
 class ChunkedAttention(torch.autograd.Function):
     """softmax(q k^T) v for q, k [B, N, d], v [B, N, C], holding O(chunk * N) memory, forward and backward."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
-        kt = k.transpose(1, 2)
-        outs, lses = [], []
-        for s in range(0, q.shape[1], chunk):
-            scores = q[:, s : s + chunk] @ kt  # [B, c, N]
-            m = torch.logsumexp(scores, -1)
-            outs.append(torch.bmm(scores.sub_(m[..., None]).exp_(), v))
-            lses.append(m)
-        out, lse = torch.cat(outs, 1), torch.cat(lses, 1)
+        out, lse = chunked_attention(q, k, v, chunk)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.chunk = chunk
         return out
@@ -125,12 +131,21 @@ class SelfAttention(nn.Module):
         with float32_scores(x):
             q32, k32, v32 = q.float(), k.float(), v.float()
             if self.backend == "chunked" or (self.backend == "auto" and not x.is_cuda):
-                o = ChunkedAttention.apply(q32, k32, v32, chunk_size(h * w))
+                o = self._chunked(q32, k32, v32, chunk_size(h * w))
             else:
                 o = self._sdpa(q32, k32, v32)
             o = self.gamma * o.transpose(1, 2).unflatten(2, (h, w))
         report_map(self, lambda: received_attention(q.detach(), k.detach()).unflatten(1, (h, w)))
         return x + o.to(x.dtype)  # the sum keeps x's memory format (o is channels_last-strided)
+
+    @staticmethod
+    def _chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+        """The chunked path: with its memory-light backward when a gradient is wanted, plain ops otherwise
+        (what a tracer such as ONNX's legacy exporter can read)."""
+        if torch.jit.is_tracing() or not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                         or v.requires_grad)):
+            return chunked_attention(q, k, v, chunk)[0]
+        return ChunkedAttention.apply(q, k, v, chunk)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The fused-kernel path: v in heads of ``head_width``, q and k zero-padded to it and shared."""
