@@ -79,8 +79,8 @@ def attention_learner(
     if compile:
         import torch._dynamo as dynamo  # (a plain `import torch._dynamo` would make `torch` local here)
 
-        # gates are forward hooks, and dynamo skips guards on hooks by default: a second model of the same
-        # backbone compiled in this process would silently run the first one's graph, without its gates
+        # gates are modules in the graph (model.SiteModule), but NanGuard watches attention modules through forward
+        # hooks, and dynamo skips guards on hooks by default: keep them guarded, so no graph is reused across hooks
         dynamo.config.skip_nnmodule_hook_guards = False
         model.compile()
     learn = Learner(dls, model, loss_func=loss_func or CrossEntropyLossFlat(), opt_func=opt_func, lr=lr,
