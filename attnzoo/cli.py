@@ -51,15 +51,32 @@ def _main(
     _state["debug"] = debug
 
 
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Any:
+def _print_table(console: Any, title: str, columns: list[str], rows: list[list[Any]], whole: int = 1) -> None:
+    """A rich table on a terminal, whose first ``whole`` columns (names, sites, paths) never wrap mid-word;
+    plain tab-separated lines (the title as a ``#`` line) when the output is a pipe or a file, so that
+    ``attnzoo list | grep NAME`` sees every name whole. Cells are rich markup."""
+    from rich import box
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, title_justify="left", header_style="bold")
-    for c in columns:
-        table.add_column(c, overflow="fold")
+    if not console.is_terminal:
+        def plain(v: Any) -> str:
+            return Text.from_markup(str(v)).plain.replace("\t", " ").replace("\n", "; ")
+
+        for line in [f"# {plain(title)}", *("\t".join(map(plain, r)) for r in [columns, *rows])]:
+            print(line, file=console.file)  # as it is: rich would expand the tabs
+        return
+    table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
+                  min_width=min(len(Text.from_markup(title).plain), console.width))  # a narrow table folds its title
+    for i, c in enumerate(columns):
+        table.add_column(c, no_wrap=i < whole, overflow="fold")
     for r in rows:
         table.add_row(*[str(v) for v in r])
-    return table
+    console.print(table)
+
+
+Threads = Annotated[str, typer.Option(help="Torch CPU threads: a number, or 'auto' for the cores no other job is "
+                                           "using (one thread on a busy 2-core machine).")]
 
 
 @app.command()
@@ -91,6 +108,7 @@ def fit(
     seed: Annotated[int, typer.Option(help="Random seed (data split, init, order), 0 to 2**32-1.")] = _FIT["seed"],
     workers: Annotated[int | None, typer.Option(help="DataLoader workers, at most the CPU count (default: 0 on "
                                                      "CPU, up to 8 on GPU).")] = None,
+    threads: Threads = "auto",
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<backbone>-<attn>-<time>); "
                                                   "must not exist yet.")] = None,
     checkpoints: Annotated[bool, typer.Option(help="Keep checkpoints/last and checkpoints/best up to date after "
@@ -112,6 +130,7 @@ def fit(
         missing = [f"--{n}" for n in ("backbone", "attn", "data") if n not in given]
         if missing:
             raise AttnzooError(f"fit needs {', '.join(missing)} (or --resume RUN)")
+    given.setdefault("threads", threads)  # 'auto' unless typed: Python callers leave torch's setting alone
     if "attn_arg" in given:
         given["attn_arg"] = parse_attn_args(given["attn_arg"])
     renamed = {"workers": "num_workers", "attn_arg": "attn_options"}
@@ -123,11 +142,14 @@ def fit(
     console = _console()
     err = _console(stderr=True)
 
+    example: list[Path] = []  # a validation image, for the hint at the end
+
     def on_data(info: Any, run_dir: Path) -> None:
+        example[:] = info.valid[:1]
         counts = info.counts()
         rows = [[c, counts["train"][c], counts["valid"][c]] for c in info.classes]
         rows.append(["[bold]total", len(info.train), len(info.valid)])
-        console.print(_table(f"data: {info.root} ({info.layout})", ["class", "train", "valid"], rows))
+        _print_table(console, f"data: {info.root} ({info.layout})", ["class", "train", "valid"], rows)
         for note in info.warnings:
             err.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
         if info.skipped:
@@ -136,15 +158,8 @@ def fit(
             err.print(f"[yellow]warning:[/] skipped {len(info.skipped)} files that cannot be used ({shown}{more}); "
                       f"all listed in {run_dir / 'skipped.txt'}", soft_wrap=True)
 
-    def on_epoch_table(rows: list[dict[str, float]]) -> None:
-        if not rows:
-            return
-        keys = [k for k in rows[0] if k not in ("epoch", "time")]
-        table = [[r["epoch"], *(f"{r.get(k, float('nan')):.4f}" for k in keys), f"{r['time']:.1f}s"] for r in rows]
-        console.print(_table("training", ["epoch", *keys, "time"], table))
-
     try:
-        run_dir = fit_run(config=config, console=err, on_data=on_data, on_epoch_table=on_epoch_table)
+        run_dir = fit_run(config=config, console=err, on_data=on_data)
     except (AttnzooError, KeyboardInterrupt, Interrupted, TrainingFailed):
         raise
     except Exception as e:
@@ -152,18 +167,27 @@ def fit(
                             "(no message)")
         raise TrainingFailed(f"training failed: {type(e).__name__}: {detail}") from e
     if is_main():  # under torchrun / accelerate launch, rank 0 reports
-        console.print(f"[green]run folder:[/] {run_dir}")
-        console.print(f"next: attnzoo show-attention IMAGE --run {run_dir}")
+        import shlex
+
+        from rich.markup import escape
+
+        run, image = shlex.quote(str(run_dir)), shlex.quote(str(example[0])) if example else "IMAGE"
+        console.print(f"[green]run folder:[/] {escape(str(run_dir))}", soft_wrap=True)
+        for what, command in (("see where it looks", f"attnzoo show-attention {image} --run {run}"),
+                              ("score its maps", f"attnzoo interpret {run}")):
+            console.print(f"next, {what}: {escape(command)}", soft_wrap=True)
 
 
-def _predict(images: list[Path], run: Path | None, top: int) -> tuple[Any, list, dict]:
+def _predict(images: list[Path], run: Path | None, top: int, threads: str) -> tuple[Any, list, dict]:
     """The run (given, or the newest under ./runs), its top-k per image and the attention maps."""
     from .outputs import existing_files
     from .run import latest_run, load_run
+    from .threads import use_threads
 
     if top < 1:
         raise AttnzooError(f"--top must be at least 1, got {top}")
     existing_files(images)
+    use_threads(threads)
     r = load_run(run if run is not None else latest_run())
     probs, maps = r.predict(images)
     return r, r.top(probs, top), maps
@@ -177,19 +201,22 @@ def show_attention(
                                                   "attention/<image>.png); existing files are never replaced.")]
     = None,
     top: Annotated[int, typer.Option(help="Predictions to show.")] = 3,
+    threads: Threads = "auto",
 ) -> None:
     """Predict IMAGES and write one PNG each: the image, top predictions and every site's attention map."""
     from .interpret import show_attention as show
     from .outputs import existing_files, per_image_outputs
     from .run import latest_run, load_run
+    from .threads import use_threads
 
     run_dir = run if run is not None else latest_run()
     per_image_outputs(existing_files(images), out, run_dir / "attention")  # bad input fails before the model loads
+    use_threads(threads)
     r = load_run(run_dir)
     written = show(r, images, out, top)
     cols = ["image", *(f"#{k + 1}" for k in range(len(written[0][1]))), "written"]
     rows = [[str(p), *(f"{c} {pr:.1%}" for c, pr in t), str(target)] for p, t, target in written]
-    _console().print(_table(f"predictions ({r.path})", cols, rows))
+    _print_table(_console(), f"predictions ({r.path})", cols, rows)
 
 
 @app.command()
@@ -198,16 +225,17 @@ def predict(
     run: Annotated[Path | None, typer.Option(help="Run folder (default: the newest under ./runs).")] = None,
     top: Annotated[int, typer.Option(help="Predictions per image.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    threads: Threads = "auto",
 ) -> None:
     """Predict the class of IMAGES with a trained run."""
-    r, tops, _ = _predict(images, run, top)
+    r, tops, _ = _predict(images, run, top, threads)
     if as_json:
         print(json.dumps([{"image": str(p), "top": [{"class": c, "prob": round(v, 6)} for c, v in t]}
                           for p, t in zip(images, tops)], indent=2))
         return
     cols = ["image", *(f"#{k + 1}" for k in range(len(tops[0])))]
-    _console().print(_table(f"predictions ({r.path})", cols,
-                            [[p.name, *(f"{c} {v:.1%}" for c, v in t)] for p, t in zip(images, tops)]))
+    _print_table(_console(), f"predictions ({r.path})", cols,
+                            [[p.name, *(f"{c} {v:.1%}" for c, v in t)] for p, t in zip(images, tops)])
 
 
 @app.command("list")
@@ -230,10 +258,10 @@ def list_modules(
         print(json.dumps([s.to_dict() for s in specs], indent=2, default=str))
         return
     console = _console()
-    rows = [[escape(str(v)) for v in (s.name, s.kind, s.summary,
-                                      "\n".join(o.describe() for o in s.options.values()) or "-", s.source)]
+    rows = [[escape(str(v)) for v in (s.name, s.kind, s.source, s.summary,
+                                      "\n".join(o.describe() for o in s.options.values()) or "-")]
             for s in specs]
-    console.print(_table("attention modules", ["name", "kind", "summary", "options", "from"], rows))
+    _print_table(console, "attention modules", ["name", "kind", "from", "summary", "options"], rows, whole=3)
     for st in plugin_status():
         if st.status != "ok":
             console.print(f"[yellow]plugin {escape(st.dist)} {st.status}:[/] {escape(st.reason)}", soft_wrap=True)
@@ -258,8 +286,8 @@ def layers(
         marks = ", ".join(m for m, on in (("tap", s.default_tap), ("gate", s.default_gate)) if on)
         level = "" if s.level is None else str(s.level)
         rows.append([s.name, s.channels, s.stride, f"{s.size[0]}x{s.size[1]}", s.fmt, level, marks])
-    _console().print(_table(f"{backbone}: sites ({'all' if all_sites else 'blocks and feature levels'})",
-                            ["site", "channels", "stride", "map", "format", "level", "default"], rows))
+    _print_table(_console(), f"{backbone}: sites ({'all' if all_sites else 'blocks and feature levels'})",
+                            ["site", "channels", "stride", "map", "format", "level", "default"], rows)
 
 
 @app.command()
@@ -283,8 +311,8 @@ def plugins(
                  "disabled": "dim"}.get(st.status, "white")
         status = f"[{color}]{st.status}[/]" + (f": {escape(st.reason)}" if st.reason else "")
         rows.append([escape(st.dist), escape(st.version), escape(", ".join(st.names)) or "-", status])
-    _console().print(_table("attention plugins (entry point group attnzoo.attention)",
-                            ["distribution", "version", "provides", "status"], rows))
+    _print_table(_console(), "attention plugins (entry point group attnzoo.attention)",
+                            ["distribution", "version", "provides", "status"], rows)
 
 
 @app.command()
@@ -325,19 +353,19 @@ def interpret(
         return
     console.print(f"validation accuracy {result.accuracy:.1%} on {result.n_images} images")
     if result.confused:
-        console.print(_table("most confused (actual -> predicted)", ["actual", "predicted", "images"],
-                             [list(c) for c in result.confused]))
+        _print_table(console, "most confused (actual -> predicted)", ["actual", "predicted", "images"],
+                             [list(c) for c in result.confused])
     if result.localization is not None:
         loc = result.localization
-        console.print(_table(f"localisation on {loc['images']} validation images (higher = finds the object)",
+        _print_table(console, f"localisation on {loc['images']} validation images (higher = finds the object)",
                              ["map", "kind", "pointing game", "energy in box"],
                              [[k, v["kind"], f"{v['pointing']:.3f}", f"{v['energy']:.3f}"]
-                              for k, v in loc["scores"].items()]))
+                              for k, v in loc["scores"].items()])
     else:
         console.print("no boxes.csv at the data root: localisation not scored")
     faith = result.faithfulness
-    console.print(_table(f"deletion curves on {faith['images']} validation images (lower AUC = more faithful)",
-                         ["map", "deletion AUC"], [[k, f"{v:.3f}"] for k, v in faith["auc"].items()]))
+    _print_table(console, f"deletion curves on {faith['images']} validation images (lower AUC = more faithful)",
+                         ["map", "deletion AUC"], [[k, f"{v:.3f}"] for k, v in faith["auc"].items()])
     console.print(f"[green]report:[/] {result.files['report']}")
 
 
@@ -365,16 +393,16 @@ def compare(
         return "-" if v is None or v != v else f"{v:.{digits}f}"
 
     console = _console()
-    console.print(_table("runs", ["run", "backbone", "attn", "sites", "accuracy", "valid loss", "params", "s/epoch"],
+    _print_table(console, "runs", ["run", "backbone", "attn", "sites", "accuracy", "valid loss", "params", "s/epoch"],
                          [[r["run"], r["backbone"], r["attn"], ", ".join(r["sites"]) or "-", num(r["accuracy"]),
                            num(r["valid_loss"]), "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M",
-                           num(r["time_per_epoch"], 1)] for r in rows]))
+                           num(r["time_per_epoch"], 1)] for r in rows])
     scored = [r for r in rows if r["best_site"] or r["gradcam_pointing"] == r["gradcam_pointing"]]
     if scored:
-        console.print(_table("localisation (pointing game / energy in box; `attnzoo interpret` scores a run)",
+        _print_table(console, "localisation (pointing game / energy in box; `attnzoo interpret` scores a run)",
                              ["run", "best site", "pointing", "energy", "Grad-CAM pointing", "Grad-CAM energy"],
                              [[r["run"], r["best_site"] or "-", num(r["pointing"]), num(r["energy"]),
-                               num(r["gradcam_pointing"]), num(r["gradcam_energy"])] for r in rows]))
+                               num(r["gradcam_pointing"]), num(r["gradcam_energy"])] for r in rows])
     console.print(f"[green]chart:[/] {written}")
 
 
@@ -395,12 +423,26 @@ def doctor(
         colors = {"ok": "green", "warn": "yellow", "fail": "red"}
         rows = [[escape(c.name), f"[{colors[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix)]
                 for c in checks]
-        _console().print(_table("attnzoo doctor", ["check", "status", "detail", "fix"], rows))
+        _print_table(_console(), "attnzoo doctor", ["check", "status", "detail", "fix"], rows)
         bad = [c for c in checks if c.status != "ok"]
         _console().print("[green]all checks passed[/]" if not bad else
                          f"{len(bad)} problem(s): see the fix column")
     if any(c.status == FAIL for c in checks):
         raise typer.Exit(1)
+
+
+def _command() -> Any:
+    """The app as a click command, its help without type placeholders on flags (``--json <bool>``) and with
+    argument names in capitals (``IMAGES...``, not ``{images}...``)."""
+    command = typer.main.get_command(app)
+    for sub in [command, *getattr(command, "commands", {}).values()]:
+        help_option = sub.get_help_option(typer.Context(sub))
+        for param in [*sub.params, *([help_option] if help_option is not None else [])]:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+            elif param.param_type_name == "argument" and param.metavar is None:  # IMAGES... -> {IMAGE}...
+                param.metavar = (param.name.removesuffix("s") if param.nargs != 1 else param.name).upper()
+    return command
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:
@@ -437,7 +479,7 @@ def _run_app(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
     _state["debug"] = False  # until --debug is parsed, also for a second main() in one process
     try:
-        code = app(args=argv, prog_name="attnzoo", standalone_mode=False)
+        code = _command().main(args=argv, prog_name="attnzoo", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)

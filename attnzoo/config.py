@@ -28,7 +28,7 @@ MAX_BATCH_PIXELS = 2**27
 MAX_SEED = 2**32 - 1  # numpy's seed range
 MAX_LR = 10.0
 # what resume may change: the run's own settings come from its attnzoo.json
-RESUME_MAY_SET = ("resume", "num_workers")
+RESUME_MAY_SET = ("resume", "num_workers", "threads")
 # what a run's request does not hold: where the run goes
 NOT_REQUESTED = ("out", "runs_dir", "resume")
 
@@ -73,9 +73,10 @@ class FitConfig:
 
     ``attn``: a module name, or None / ``"none"`` for the baseline. ``lr``: a number or ``"auto"`` (fastai's
     ``lr_find``). ``img_size``: default the backbone's (64 for ``data="demo"``). ``num_workers``: DataLoader
-    workers, default 0 on CPU and up to 8 on GPU. ``out``: the run folder (default ``runs_dir/<name>-<time>``).
-    ``resume``: an interrupted run folder to continue with its own settings; only ``num_workers`` may be given
-    with it.
+    workers, default 0 on CPU and up to 8 on GPU. ``threads``: torch's CPU threads, a number or ``"auto"`` (the
+    idle cores: ``attnzoo.threads``); None leaves torch's setting alone. ``out``: the run folder (default
+    ``runs_dir/<name>-<time>``). ``resume``: an interrupted run folder to continue with its own settings; only
+    ``num_workers`` and ``threads`` may be given with it.
     """
 
     backbone: str | None = None
@@ -93,6 +94,7 @@ class FitConfig:
     seed: int = 0
     freeze_epochs: int = 1
     num_workers: int | None = None
+    threads: int | str | None = None
     checkpoints: bool = True
     sync_bn: bool = False
     compile: bool = False
@@ -162,6 +164,9 @@ class FitConfig:
             if _whole_number(self.num_workers) and self.num_workers < 0:
                 raise AttnzooError(f"workers must be 0 or more, got {self.num_workers}")
             self._whole("num_workers", 0, cpus, "the CPUs this process may use", label="workers")
+        from .threads import check_threads
+
+        set_("threads", check_threads(self.threads))
         if not isinstance(self.valid_pct, numbers.Real) or not 0 < self.valid_pct < 1:
             raise AttnzooError(f"valid_pct must be between 0 and 1, got {self.valid_pct!r}")
         set_("valid_pct", float(self.valid_pct))

@@ -381,14 +381,15 @@ def _random_split(items: list[Path], labels: dict[Path, str], valid_pct: float,
     return sorted(train), sorted(valid)
 
 
-def resolve_data(data: str, seed: int = 0) -> Path:
-    """``demo`` -> the cached demo set (generated on first use); anything else is a path."""
+def resolve_data(data: str, seed: int = 0, progress: Any = None) -> Path:
+    """``demo`` -> the cached demo set (generated on first use, ``progress(done, total)`` per image); anything
+    else is a path."""
     if not isinstance(data, str) or not data.strip():
         raise AttnzooError("--data is empty: give an image folder, or 'demo' for the built-in set")
     if data == "demo":
         from .demo import make_demo
 
-        return make_demo(seed=0)
+        return make_demo(seed=0, progress=progress)
     return Path(data)
 
 

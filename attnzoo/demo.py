@@ -41,6 +41,7 @@ import os
 import pathlib
 import shutil
 import uuid
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -300,7 +301,8 @@ def _is_complete(root: pathlib.Path, params: dict[str, object]) -> bool:
     return isinstance(meta, dict) and all(meta.get(k) == v for k, v in params.items())
 
 
-def _generate(out: pathlib.Path, seed: int, n_train: int, n_valid: int, size: int) -> None:
+def _generate(out: pathlib.Path, seed: int, n_train: int, n_valid: int, size: int,
+              progress: Callable[[int, int], None] | None = None) -> None:
     rows: list[tuple[str, int, int, int, int]] = []
     for split, n in (("train", n_train), ("valid", n_valid)):
         for ci, (cls, count) in enumerate(zip(DEMO_CLASSES, _class_counts(n))):
@@ -311,6 +313,8 @@ def _generate(out: pathlib.Path, seed: int, n_train: int, n_valid: int, size: in
                 name = f"{cls}_{i:05d}.png"
                 img.save(folder / name, format="PNG")
                 rows.append((f"{split}/{cls}/{name}", *box))
+                if progress is not None:
+                    progress(len(rows), n_train + n_valid)
     with open(out / "boxes.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(_BOXES_HEADER)
@@ -340,6 +344,7 @@ def make_demo(
     n_valid: int = 300,
     size: int = 96,
     force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> pathlib.Path:
     """Generate the demo dataset into ``root`` (default :func:`demo_root`) and return it.
 
@@ -349,7 +354,8 @@ def make_demo(
     moved into place, so an interrupted run never looks complete. An existing
     incomplete or different demo set at ``root`` is replaced; a non-empty
     ``root`` containing anything other than demo files raises
-    :class:`FileExistsError` instead of being deleted.
+    :class:`FileExistsError` instead of being deleted. ``progress(done, total)`` is called after each image
+    written.
     """
     if size < 16:
         raise ValueError(f"size must be >= 16, got {size}")
@@ -371,7 +377,7 @@ def make_demo(
     root_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _fresh_sibling(root_path, "tmp")
     try:
-        _generate(tmp, seed, n_train, n_valid, size)
+        _generate(tmp, seed, n_train, n_valid, size, progress)
         (tmp / "demo.json").write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
         if not force and _is_complete(root_path, params):
             return root_path  # another process finished the same set meanwhile

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from fastai.metrics import accuracy
 from fastai.optimizer import Adam
 
 from . import distributed
-from .config import FitConfig
+from .config import RESUME_MAY_SET, FitConfig
 from .errors import AttnzooError, Interrupted, TrainingFailed
 from .model import AttentionModel, create_model
 from .run import RunFolder
@@ -168,6 +169,28 @@ class History(Callback):
         self.rows.append(row)
 
 
+@contextlib.contextmanager
+def _task_progress(console: Any, description: str) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback that shows a rich bar on ``console`` from its first call, if any."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=True, disable=console is not None and not console.is_terminal)
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=total)
+        bar.update(task, completed=done)
+
+    try:
+        yield update
+    finally:
+        bar.stop()
+
+
 class RichProgress(Callback):
     """A rich progress display for epochs and batches, and one table row per epoch (replaces fastai's bars)."""
 
@@ -185,17 +208,18 @@ class RichProgress(Callback):
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=self.console,
-                                 transient=True)
+                                 transient=True, disable=not self.console.is_terminal)  # no bars into a log
         total = self.total_epochs or self.n_epoch
         self.progress.start()
         self.epoch_task = self.progress.add_task("epochs", total=total, completed=self.done, info="")
-        self.batch_task = self.progress.add_task("batches", total=0, info="")
+        self.batch_task = self.progress.add_task("batches", total=None, info="", visible=False)  # until a loader
+        self._columns: list[str] | None = None
 
     def before_train(self) -> None:
-        self.progress.reset(self.batch_task, total=len(self.dl), description="train", info="")
+        self.progress.reset(self.batch_task, total=len(self.dl), description="train", info="", visible=True)
 
     def before_validate(self) -> None:
-        self.progress.reset(self.batch_task, total=len(self.dl), description="valid", info="")
+        self.progress.reset(self.batch_task, total=len(self.dl), description="valid", info="", visible=True)
 
     def after_batch(self) -> None:
         info = f"loss {self.smooth_loss.item():.3f}" if self.training else ""
@@ -213,10 +237,15 @@ class RichProgress(Callback):
         self.done += 1
         self.progress.update(self.epoch_task, completed=self.done)
         hist = next((c for c in self.learn.cbs if isinstance(c, History)), None)
-        if hist is not None and hist.rows:
+        if hist is not None and hist.rows:  # the epoch table, a row at a time, its header before the first
             row = hist.rows[-1]
-            cells = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "time"))
-            self.progress.console.print(f"epoch {row['epoch']:>3}  {cells}  {row['time']:.1f}s")
+            if self._columns is None:
+                self._columns = list(row)
+                self.progress.console.print("  ".join(f"{k:>10}" for k in self._columns), style="bold",
+                                            highlight=False)
+            cells = [f"{row.get(k, float('nan')):>10.4f}" for k in self._columns]
+            cells[0], cells[-1] = f"{row['epoch']:>10}", f"{row['time']:>9.1f}s"
+            self.progress.console.print("  ".join(cells), highlight=False)
 
     def after_fit(self) -> None:
         self.progress.stop()
@@ -236,7 +265,8 @@ def fit(
     """Train and write a run folder; what ``attnzoo fit`` does. Returns the run folder.
 
     ``settings`` are ``FitConfig``'s (``at``, ``attn_options``, ``epochs``, ``lr``, ``bs``, ``img_size``,
-    ``pretrained``, ``weights``, ``valid_pct``, ``seed``, ``freeze_epochs``, ``num_workers``, ``checkpoints``,
+    ``pretrained``, ``weights``, ``valid_pct``, ``seed``, ``freeze_epochs``, ``num_workers``, ``threads``,
+    ``checkpoints``,
     ``sync_bn``, ``compile``, ``out``, ``runs_dir``, ``resume``), checked before anything starts; None means the
     default. Or pass a ready ``config``. ``lr="auto"`` runs fastai's ``lr_find``. ``on_data(info, run_dir)``
     is called with the dataset summary before training; ``on_epoch_table(rows)`` with the per-epoch rows after it.
@@ -244,7 +274,7 @@ def fit(
     The run folder is created before training starts (``attnzoo.json`` with ``status: training``);
     ``checkpoints`` keeps ``checkpoints/last`` and ``checkpoints/best`` up to date after every epoch.
     ``resume=RUN`` continues an interrupted run from its last checkpoint with the run's own settings
-    (no other setting but ``num_workers`` may be given with it) and reaches the result the uninterrupted
+    (no other setting but ``num_workers`` and ``threads`` may be given with it) and reaches the result the uninterrupted
     run would have. SIGINT/SIGTERM stop after the current batch, save, and raise ``Interrupted``; a
     NaN/inf loss stops training and raises ``TrainingFailed`` naming the epoch and batch.
 
@@ -269,8 +299,8 @@ def fit(
             raise AttnzooError(f"{run_dir} already finished training; nothing to resume")
         if "request" not in saved:
             raise AttnzooError(f"{run_dir} was written by an attnzoo without resume support")
-        workers = {} if config.num_workers is None else {"num_workers": config.num_workers}
-        request = FitConfig.from_request(saved["request"], out=str(run_dir), **workers)
+        changed = {k: getattr(config, k) for k in RESUME_MAY_SET if k != "resume" and getattr(config, k) is not None}
+        request = FitConfig.from_request(saved["request"], out=str(run_dir), **changed)
         if distributed.is_main():
             folder.clean_temporaries()  # what a killed run left half-written
         return _fit(request, folder=folder, resumed=saved, console=console, on_data=on_data,
@@ -325,6 +355,7 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
     from .model import _introspect, check_backbone, default_img_size, resolve_sites
     from .registry import get_attention, parse_options
     from .run import SKIPPED, WEIGHTS, Run
+    from .threads import use_threads
 
     resume = resumed is not None
     run_dir = folder.path
@@ -338,6 +369,7 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
     backbone, attn, data, epochs, lr, bs, img_size = s.backbone, s.attn, s.data, s.epochs, s.lr, s.bs, s.img_size
     pretrained, weights, valid_pct, seed, freeze_epochs = s.pretrained, s.weights, s.valid_pct, s.seed, s.freeze_epochs
     checkpoints, num_workers, sync_bn, compile = s.checkpoints, s.num_workers, s.sync_bn, s.compile
+    threads = use_threads(s.threads, num_workers or 0)
     if not distributed.is_main():  # the other processes of a launch train quietly
         console, on_data, on_epoch_table = distributed.quiet_console(), None, None
     state: dict[str, Any] = {}
@@ -346,7 +378,9 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
         tensors, state = ck.read_checkpoint(run_dir / ck.LAST)
 
     set_seed(seed, reproducible=True)
-    info = find_dataset(resolve_data(data, seed), valid_pct=valid_pct, seed=seed)
+    with _task_progress(console, "making the demo data set (once)") as progress:
+        root = resolve_data(data, seed, progress=progress)
+    info = find_dataset(root, valid_pct=valid_pct, seed=seed)
     config: dict[str, Any] = dict(resumed or {})
     if resume and info.counts() != config["data"]["counts"]:
         raise AttnzooError(f"the data in {info.root} changed since {run_dir} started "
@@ -392,7 +426,7 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
             status="training", backbone=backbone, attn=attn or "none", attn_options=options,
             sites=learn.model.sites, classes=list(info.classes), img_size=img_size, mean=list(mean), std=list(std),
             seed=seed, pretrained=learn.attnzoo["pretrained"], weights=str(weights) if weights else None,
-            data=info.to_dict(), train=dict(epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs),
+            data=info.to_dict(), train=dict(epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, bs=bs, threads=threads),
             skipped=[dict(path=p, reason=r) for p, r in info.skipped], warnings=info.warnings, request=request,
         )
     if not resume and distributed.is_main():  # rank 0 writes the run folder

@@ -70,7 +70,7 @@ class Option:
             ) from None
 
     def describe(self) -> str:
-        kind = "|".join(map(str, self.choices)) if self.choices else self.type.__name__
+        kind = " | ".join(map(str, self.choices)) if self.choices else self.type.__name__  # spaces: may wrap
         return f"{self.name}={self.default!r} ({kind})"
 
 
@@ -263,6 +263,8 @@ def parse_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def create_attention(name: str, *args: Any, **options: Any) -> Any:
-    """Build module ``name``: ``create_attention('sagan', 64)``, ``create_attention('lpa-pc', [64, 128], 256, 10)``."""
+    """Build module ``name``: ``create_attention('sagan', 64)``, ``create_attention('lpa-pc', [64, 128], 256, 10)``;
+    the host's arguments by keyword too, as timm's ``create_attn``: ``create_attention('sagan', channels=64)``."""
     spec = get_attention(name)
-    return spec.cls(*args, **{**spec.defaults, **parse_options(name, options)})
+    structural = {k: options.pop(k) for k in POSITIONAL[spec.kind] if k in options}
+    return spec.cls(*args, **structural, **{**spec.defaults, **parse_options(name, options)})
