@@ -444,6 +444,7 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run
         raise AttnzooError(f"{weights} does not fit the model in {CONFIG}: "
                            f"{len(missing)} missing, {len(unexpected)} unexpected tensors")
     model.eval()
+    model.set_preprocessing(config["img_size"], config["mean"], config["std"], config["classes"])  # timm's data config
     return Run(model.to(device), list(config["classes"]), config["img_size"], tuple(config["mean"]),
                tuple(config["std"]), config, folder.path)
 

@@ -164,3 +164,33 @@ def test_sagan_output_keeps_the_input_memory_format():
     assert gate(x).is_contiguous()  # NCHW in, NCHW out: the layers after the gate keep their layout
     xl = x.contiguous(memory_format=torch.channels_last)
     assert gate(xl).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["lpa-pc", "lpa-dp", "sagan", "softmask-sigmoid", "softmask-softmax"])
+def test_scores_and_softmax_run_in_float32_under_autocast(name, dtype):
+    """Large activations: in fp16 their dot products overflow (inf, then NaN in the softmax)."""
+    torch.manual_seed(0)
+    if name.startswith("lpa"):
+        m = attnzoo.create_attention(name, [32, 32], 32, 5).eval()
+        inputs = ([torch.randn(2, 32, 6, 5) * 300, torch.randn(2, 32, 3, 3) * 300], torch.randn(2, 32) * 300)
+    else:
+        m = attnzoo.create_attention(name, 32).eval()
+        inputs = (torch.randn(2, 32, 6, 5) * 300,)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+        rec = MapRecorder()
+        rec.watch("m", m)
+        want = m(*inputs)
+        want_map = rec.evaluate()["m"]
+        with torch.autocast("cpu", dtype=dtype):
+            got = m(*inputs)
+            got_map = rec.evaluate()["m"]
+    assert torch.isfinite(got).all()
+    scale = want.abs().max()
+    torch.testing.assert_close(got.float() / scale, want / scale, atol=2e-2, rtol=0)
+    for a, b in zip(got_map if isinstance(got_map, list) else [got_map],
+                    want_map if isinstance(want_map, list) else [want_map]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.float(), b, atol=2e-2, rtol=0)
