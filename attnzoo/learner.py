@@ -502,6 +502,10 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
             how = "no epoch had finished, so there is nothing to resume: start the run again"
         raise Interrupted(f"{name}: training stopped and saved in {run_dir}; {how}", stop.signum, run_dir)
 
+    if best.get("epoch") == epochs_done:  # the best epoch is the last: its weights are model.safetensors
+        best = {**best, "weights": WEIGHTS}
+    elif best:
+        best = {**best, "weights": ck.BEST}
     config = {**config, "status": "done", "best": best, "distributed": training.summary()}
     if distributed.is_main():
         with distributed.alone():  # fastai must not gather now: rank 0 finishes the run folder by itself
@@ -515,7 +519,9 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
                 how = f"fix that, then resume with: {resume}" if resume else "fix that, then start the run again"
                 raise TrainingFailed(f"training finished, but the model cannot be saved in {run_dir}: "
                                      f"{e.strerror or e}; {how}") from None
-            (run_dir / ck.LAST).unlink(missing_ok=True)  # the finished model is model.safetensors; best stays
+            (run_dir / ck.LAST).unlink(missing_ok=True)  # the finished model is model.safetensors
+            if best.get("weights") == WEIGHTS:  # never the same weights twice in a run folder
+                (run_dir / ck.BEST).unlink(missing_ok=True)
             run = Run(learn.model, list(info.classes), img_size, mean, std, config, run_dir)
             interpret.fit_plots(learn, run, run_dir, history.rows)
     distributed.barrier()  # every process returns once the run folder is complete

@@ -129,3 +129,15 @@ def test_predict_refuses_to_print_nan_probabilities(tiny_run, tiny_folder):
         next(run.model.parameters()).fill_(float("nan"))
     with pytest.raises(AttnzooError, match="weights"):
         run.predict([image])
+
+
+def test_the_best_epochs_weights_are_stored_once(tiny_folder, tmp_path):
+    from attnzoo.checkpoint import BEST
+
+    run = attnzoo.fit("test_resnet", "none", str(tiny_folder), pretrained=False, epochs=2, bs=8, img_size=32,
+                      out=str(tmp_path / "run"))
+    best = json.loads((run / "attnzoo.json").read_text())["best"]
+    if best["epoch"] == 2:  # the last epoch: model.safetensors holds its weights, no second copy
+        assert best["weights"] == "model.safetensors" and not (run / BEST).exists()
+    else:
+        assert best["weights"] == BEST and (run / BEST).is_file()

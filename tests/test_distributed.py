@@ -118,8 +118,8 @@ def test_checkpoints_hold_the_same_tensors_as_a_single_process(launched, single)
     from safetensors import safe_open
 
     def keys(run_dir: Path) -> list[str]:
-        with safe_open(str(run_dir / "checkpoints" / "best.safetensors"), "pt") as f:
-            return sorted(f.keys())
+        with safe_open(str(run_dir / config(run_dir)["best"]["weights"]), "pt") as f:  # a checkpoint or the model
+            return sorted(k.removeprefix("model.") for k in f.keys())
 
     assert keys(launched[0]) == keys(single)
 

@@ -102,7 +102,8 @@ def test_sigterm_saves_and_resume_reaches_the_uninterrupted_result(reference, da
     assert epochs_of(run) == epochs_of(reference)
     assert same_weights(run, reference)
     assert json.loads((run / "attnzoo.json").read_text())["status"] == "done"
-    assert (run / "checkpoints" / "best.safetensors").is_file() and not last.exists()
+    best = json.loads((run / "attnzoo.json").read_text())["best"]
+    assert (run / best["weights"]).is_file() and not last.exists()  # the best epoch's weights, stored once
 
 
 def test_resume_refuses_changed_settings_and_finished_runs(reference, capsys):
