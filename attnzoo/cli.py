@@ -431,6 +431,23 @@ def doctor(
         raise typer.Exit(1)
 
 
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    format: Annotated[str, typer.Option(help="onnx (dynamo exporter, checked with onnxruntime) or pt2 "
+                                             "(torch.export).")] = "onnx",
+    maps: Annotated[bool, typer.Option("--maps/--no-maps", help="Add one attention map output per site.")] = True,
+    out: Annotated[Path | None, typer.Option(help="File to write (default: <run name>.<format>).")] = None,
+) -> None:
+    """Export a run for deployment, dynamic batch; checked against PyTorch before it is written."""
+    from .deploy import export as export_run
+
+    result = export_run(run, out, format=format, maps=maps)
+    _console().print(f"[green]{result.format}:[/] {result.path}  outputs {', '.join(result.outputs)}; "
+                     f"max |difference| from PyTorch {result.max_diff:.1e} at batch sizes "
+                     f"{', '.join(map(str, result.batches))}")
+
+
 def _command() -> Any:
     """The app as a click command, its help without type placeholders on flags (``--json <bool>``) and with
     argument names in capitals (``IMAGES...``, not ``{images}...``)."""

@@ -161,3 +161,59 @@ def test_compile_matrix(backbone, attn):
 @pytest.mark.slow
 def test_inductor_compile_gives_eagers_logits_and_maps():
     compiled_twins("test_resnet", "lpa-pc", backend="inductor")
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    from attnzoo.run import save_run
+
+    model = opened("test_resnet", "sagan")
+    config = dict(backbone="test_resnet", attn="sagan", attn_options={}, sites=model.sites, classes=["a", "b", "c"],
+                  img_size=32, mean=[0.5] * 3, std=[0.25] * 3)
+    return save_run(tmp_path_factory.mktemp("runs") / "tiny-sagan", model, config)
+
+
+def cli(capsys, *args: str) -> tuple[int, str]:
+    from attnzoo.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out + out.err
+
+
+def test_export_command_writes_onnx_with_classes_and_preprocessing(run_folder, tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    code, out = cli(capsys, "export", str(run_folder), "--out", str(tmp_path / "m.onnx"))
+    assert code == 0 and "max |difference| from PyTorch" in out and "map:layer3" in out
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert meta["classes"] == '["a", "b", "c"]' and meta["img_size"] == "32" and meta["mean"] == "[0.5, 0.5, 0.5]"
+    code, out = cli(capsys, "export", str(run_folder), "--out", str(tmp_path / "m.onnx"))
+    assert code == 2 and "already exists" in out  # never written over
+
+
+def test_export_pt2_without_maps_runs_at_another_batch(run_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = attnzoo.export(run_folder, format="pt2", maps=False)
+    assert result.path.name == "tiny-sagan.pt2" and result.outputs == ["logits"]
+    again = attnzoo.export(run_folder, format="pt2", maps=False)
+    assert again.path.name == "tiny-sagan-2.pt2"  # a default name moves on, never over a file
+    extra = {"attnzoo.json": ""}
+    program = torch.export.load(str(result.path), extra_files=extra)
+    assert '"classes": "[\\"a\\", \\"b\\", \\"c\\"]"' in extra["attnzoo.json"]
+    from attnzoo.run import load_run
+
+    model = load_run(run_folder).model
+    x = inputs("test_resnet", 5)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x)[0], model(x), **TOL)
+
+
+def test_an_export_that_differs_from_pytorch_is_not_written(run_folder, tmp_path, monkeypatch):
+    import attnzoo.deploy as deploy
+
+    monkeypatch.setattr(deploy, "_compare", lambda *a, **k: (_ for _ in ()).throw(
+        attnzoo.AttnzooError("export check failed: output 'logits' differs")))
+    with pytest.raises(attnzoo.AttnzooError, match="differs"):
+        attnzoo.export(run_folder, tmp_path / "m.pt2", format="pt2")
+    assert list(tmp_path.iterdir()) == []
