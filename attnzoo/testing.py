@@ -5,13 +5,16 @@
         check_attention("my-module")          # a registered name, or the class itself
 
 Each check raises ``AssertionError`` naming the module, the options and what went wrong. Modules are
-checked with their defaults and once for every choice of every ``Literal`` option.
+checked with their defaults and once for every choice of every ``Literal`` option; the module is also
+copied and pickled after a forward (an attnzoo model is saved with ``torch.save`` and copied by fastai), and
+traced by ``torch.compile`` (its outputs and maps must equal eager's), with its default options.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import pickle
 from typing import Any
 
 import torch
@@ -162,6 +165,46 @@ def _check_silent(spec: AttentionSpec, module: nn.Module, where: str) -> None:
     )
 
 
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _check_copies_after_forward(spec: AttentionSpec, module: nn.Module, where: str) -> None:
+    """After a watched forward, ``copy.deepcopy`` and pickling work and the copies compute the same outputs."""
+    module.eval()
+    _watch(module)
+    inputs = _inputs(spec, batch=2)
+    with torch.no_grad():
+        want = module(*inputs)
+    for how, copier in (("deepcopy", copy.deepcopy), ("pickle", lambda m: pickle.loads(pickle.dumps(m)))):
+        try:
+            twin = copier(module)
+        except Exception as e:
+            raise AssertionError(f"{where}: {how} after a forward fails ({type(e).__name__}: {e}); keep no "
+                                 f"closures or lambdas on the module (report maps through attnzoo.report_map)") from e
+        with torch.no_grad():
+            assert _same(twin(*inputs), want), f"{where}: a {how} copy computes other outputs"
+
+
+def _check_compiles(spec: AttentionSpec, module: nn.Module, where: str) -> None:
+    """``torch.compile`` (dynamo's trace, run eagerly) gives eager's outputs and maps."""
+    module.eval()
+    rec = _watch(module)
+    inputs = _inputs(spec, batch=2)
+    with torch.no_grad():
+        want = module(*inputs)
+        want_maps = _maps(spec, rec, inputs, where)
+        try:
+            got = torch.compile(module, backend="eager")(*inputs)
+        except Exception as e:
+            raise AssertionError(f"{where}: torch.compile fails: {type(e).__name__}: {str(e)[:300]}") from e
+        got_maps = _maps(spec, rec, inputs, f"{where} compiled")
+    assert _same(got, want), f"{where}: the compiled module computes other outputs than eager"
+    assert _same(got_maps, want_maps), f"{where}: the compiled module reports other maps than eager"
+
+
 def check_attention(name_or_class: str | type, options: dict[str, Any] | None = None) -> list[str]:
     """Run the conformance checks; return the list of checks passed (raises AssertionError on the first failure)."""
     spec = _spec(name_or_class)
@@ -198,5 +241,9 @@ def check_attention(name_or_class: str | type, options: dict[str, Any] | None = 
         _check_channels_last(module, spec, where)
         _check_silent(spec, module, where)
         passed += [f"{where}: {label}" for label in ("gradients", "state_dict", "channels_last", "silent")]
+        if opts == variants[0]:
+            _check_copies_after_forward(spec, _build(spec, opts, GATE_SIZES[0]), where)
+            _check_compiles(spec, _build(spec, opts, GATE_SIZES[0]), where)
+            passed += [f"{where}: deepcopy and pickle after a forward", f"{where}: torch.compile"]
     assert inspect.getdoc(spec.cls), f"{spec.name}: the class needs a docstring (paper, options)"
     return passed

@@ -194,3 +194,25 @@ def test_scores_and_softmax_run_in_float32_under_autocast(name, dtype):
                     want_map if isinstance(want_map, list) else [want_map]):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a.float(), b, atol=2e-2, rtol=0)
+
+
+class KeepsAClosure(torch.nn.Module):
+    """A gate that keeps its last map as a lambda on itself: it cannot be pickled after a forward."""
+
+    attnzoo_kind = "gate"
+    attnzoo_summary = "test gate keeping a closure"
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.score = torch.nn.Conv2d(channels, 1, 1)
+
+    def forward(self, x):
+        m = torch.sigmoid(self.score(x))
+        self.last = lambda: m[:, 0]
+        attnzoo.report_map(self, self.last)
+        return x * m
+
+
+def test_the_kit_refuses_a_module_that_cannot_be_pickled_after_a_forward():
+    with pytest.raises(AssertionError, match="pickle after a forward fails"):
+        check_attention(KeepsAClosure)
