@@ -114,9 +114,18 @@ def train(learn: Learner, epochs: int, lr: float | None = None, freeze_epochs: i
 
 
 def suggest_lr(learn: Learner, num_it: int = 100) -> float:
-    """fastai's ``lr_find`` valley, without its plot."""
-    with learn.no_bar(), learn.removed_cbs([c for c in learn.cbs if isinstance(c, (RichProgress, History))]):
-        return float(learn.lr_find(num_it=num_it, show_plot=False).valley)
+    """fastai's ``lr_find`` valley, without its plot. Its scratch copy of the weights (a pickle fastai writes
+    under ``learn.path``, by default the data folder) goes to a temporary folder, removed after."""
+    import tempfile
+
+    path = learn.path
+    with tempfile.TemporaryDirectory(prefix="attnzoo-lr-find-") as scratch:
+        learn.path = Path(scratch)
+        try:
+            with learn.no_bar(), learn.removed_cbs([c for c in learn.cbs if isinstance(c, (RichProgress, History))]):
+                return float(learn.lr_find(num_it=num_it, show_plot=False).valley)
+        finally:
+            learn.path = path
 
 
 class FlushDenormals(Callback):
@@ -415,8 +424,6 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
     if lr == "auto":
         with distributed.alone():  # lr_find in each process by itself (it cannot run distributed) ...
             lr = suggest_lr(learn)
-        with contextlib.suppress(OSError):
-            (run_dir / learn.model_dir).rmdir()  # lr_find's scratch folder, when it is left empty
         lr = distributed.broadcast(lr)  # ... and rank 0's pick for all
     lr = float(lr or 1e-3)
 
