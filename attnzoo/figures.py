@@ -64,27 +64,29 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str]) -> Any:
 
 
 def _style(name: str) -> dict[str, Any]:
-    if name.startswith("Grad-CAM"):
-        return dict(ls="--", marker="s", color="black")
+    if " at " in name:  # a CAM ("Grad-CAM at layer4"), post hoc: dashed
+        return dict(ls="--", marker="s")
     if name == "random":
         return dict(ls=":", marker="", color="grey")
     return dict(ls="-", marker="o")
 
 
-def deletion_figure(curves: Mapping[str, Sequence[float]], title: str = "deletion curves") -> Any:
-    """Probability of the true class against the share of pixels deleted, most attended first, per map."""
+def curves_figure(curves: Mapping[str, Sequence[float]], mode: str = "deletion", title: str | None = None) -> Any:
+    """Probability of the true class against the share of pixels deleted (or inserted), highest ranked first,
+    per map."""
     fig = viz.new_figure(6.4, 3.8)
     ax = fig.add_axes((0.1, 0.14, 0.6, 0.74))
     for name, curve in curves.items():
         xs = np.linspace(0, 100, len(curve))
         ax.plot(xs, curve, ms=3.5, label=f"{name}  AUC {curve_auc(curve):.3f}", **_style(name))
-    ax.set_xlabel("pixels deleted, most attended first (%)")
+    verb, better = ("deleted", "lower") if mode == "deletion" else ("inserted", "higher")
+    ax.set_xlabel(f"pixels {verb}, highest ranked first (%)")
     ax.set_ylabel("probability of the true class")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, title="map (lower AUC = more faithful)",
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, title=f"map ({better} AUC = more faithful)",
               title_fontsize=8, frameon=False)
-    ax.set_title(title, fontsize=11, fontweight="bold")
+    ax.set_title(title or f"{mode} curves", fontsize=11, fontweight="bold")
     return fig
 
 
@@ -122,5 +124,5 @@ def localization_figure(localization: Mapping[str, Any]) -> Any:
     scores = {k: v for k, v in localization["scores"].items() if v["kind"] != "chance"}
     chance = localization["scores"].get("chance", {}).get("energy")
     return bar_figure(list(scores), {m: [v[m] for v in scores.values()] for m in ("pointing", "energy")},
-                      f"does attention find the object? ({localization['images']} images)", "score",
+                      f"does the map find the object? ({localization['images']} images)", "score",
                       {"chance": chance} if chance is not None else None)

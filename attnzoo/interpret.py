@@ -26,23 +26,39 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch import nn
 
 from . import localize, metrics, viz
 from .errors import AttnzooError
-from .explain import Progress, deletion_curves, gradcam, gradcam_label
-from .figures import bar_figure, confusion_figure, deletion_figure, history_figure, localization_figure
+from .explain import (
+    Progress,
+    cam,
+    cam_label,
+    cam_layer,
+    cam_methods,
+    deletion_curves,
+    gradcam,
+    perturbation_curves,
+    randomized_model,
+    road_scores,
+)
+from .figures import bar_figure, confusion_figure, curves_figure, history_figure, localization_figure
 from .metrics import confusion_matrix, most_confused
-from .report import best_map, time_per_epoch, write_report
+from .report import best_map, score_table, time_per_epoch, write_report
 from .run import CONFIG, WEIGHTS, Run, RunFolder
 
+__all__ = [
+    "Interpretation", "attention_rows", "cam_specs", "compare_figure", "compare_runs", "deletion_curves",
+    "display_image", "fit_plots", "gradcam", "interpret_run", "load_batch", "param_count", "sample_valid",
+    "show_attention", "update_config", "validation_set",
+]
 BOX_COLOR = (255, 255, 255)
 
 
-def display_image(run: Run, path: str | Path, box: metrics.Box | None = None) -> np.ndarray:
-    """The image as the model sees it (squashed to the training size), for plotting; ``box`` outlined."""
+def display_image(run: Run, path: str | Path, boxes: metrics.ImageBoxes | None = None) -> np.ndarray:
+    """The image as the model sees it (squashed to the training size), for plotting; ``boxes`` outlined."""
     im = run.load_image(path).resize((run.img_size, run.img_size), Image.Resampling.BILINEAR)
-    if box is not None:
-        x0, y0, x1, y1 = box
+    for x0, y0, x1, y1 in boxes.boxes if boxes is not None else ():
         ImageDraw.Draw(im).rectangle((round(x0), round(y0), round(x1) - 1, round(y1) - 1), outline=BOX_COLOR)
     return np.asarray(im)
 
@@ -75,24 +91,6 @@ def show_attention(run: Run, images: Sequence[str | Path], out: str | Path | Non
         except OSError as e:  # a read-only run folder, a full disk: somewhere else may do
             raise AttnzooError(f"cannot write {target}: {e.strerror or e}; choose another place with --out") from None
     return written
-
-
-def attention_rows(run: Run, paths: Sequence[str | Path], labels: Sequence[str], title: str,
-                   with_gradcam: bool = False, boxes: Sequence[metrics.Box | None] | None = None) -> Any:
-    """Paper-Figure-3 grid for ``paths``: image, then every site's map (and Grad-CAM); right/wrong marked.
-
-    ``boxes`` (in model-input pixels) are outlined on the image and under every overlay.
-    """
-    probs, maps = run.predict(list(paths))
-    if with_gradcam:
-        maps[gradcam_label(run.model)] = gradcam(run, load_batch(run, paths))
-    top = run.top(probs, 1)
-    boxes = boxes if boxes is not None else [None] * len(paths)
-    images = [display_image(run, p, b) for p, b in zip(paths, boxes)]
-    preds = [t[0][0] for t in top]
-    conf = [t[0][1] for t in top]
-    return viz.attention_grid(images, {k: v.numpy() for k, v in maps.items()}, list(labels), preds, conf,
-                              title=title, max_rows=len(paths))
 
 
 def sample_valid(items: Sequence[Path], n: int, seed: int = 0) -> list[Path]:
@@ -174,7 +172,8 @@ def update_config(run_dir: str | Path, **entries: Any) -> dict[str, Any]:
 
 @dataclass
 class Interpretation:
-    """What ``interpret_run`` measured and wrote."""
+    """What ``interpret_run`` measured and wrote. ``table``: every map (each attention map, each CAM, the random
+    map, chance) against every score, with its ``kind`` and ``flags`` (``report.score_table``)."""
 
     out: Path
     n_images: int
@@ -183,6 +182,24 @@ class Interpretation:
     localization: dict[str, Any] | None
     faithfulness: dict[str, Any]
     files: dict[str, Path] = field(default_factory=dict)
+    table: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every number, for ``interpret --json``: strict JSON (a score not measured is null, never NaN)."""
+        return _finite(dict(accuracy=self.accuracy, images=self.n_images, most_confused=self.confused,
+                            table=self.table, localization=self.localization, faithfulness=self.faithfulness,
+                            files={k: str(v) for k, v in self.files.items()}))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN (at any depth) as None."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _noop(_task: str, _done: int, _total: int) -> None:
@@ -201,14 +218,44 @@ def _predict_all(run: Run, paths: Sequence[Path], bs: int, progress: Progress) -
     return torch.cat(probs), {k: torch.cat(v) for k, v in maps.items()}
 
 
-def _gradcam_paths(run: Run, paths: Sequence[Path], target: torch.Tensor, bs: int,
-                   progress: Progress) -> torch.Tensor:
-    cams = []
-    for start in range(0, len(paths), bs):
-        progress("Grad-CAM", start, len(paths))
-        cams.append(gradcam(run, load_batch(run, paths[start : start + bs]), target[start : start + bs]))
-    progress("Grad-CAM", len(paths), len(paths))
-    return torch.cat(cams)
+def cam_specs(model: nn.Module, methods: str | Sequence[str] = "gradcam", at: str = "final",
+              img_size: int | None = None) -> dict[str, tuple[str, str]]:
+    """``{label: (method, layer)}`` of the CAMs ``interpret`` computes: each method at the final feature level
+    (``at="final"``, see ``explain.cam_layer``) or at each of the model's sites (``at="sites"``)."""
+    if at not in ("final", "sites"):
+        raise AttnzooError(f"--cam-at must be 'final' or 'sites', got {at!r}")
+    where = list(getattr(model, "sites", [])) if at == "sites" else [cam_layer(model, img_size)]
+    if not where:
+        raise AttnzooError("--cam-at sites: the model has no attention sites (a baseline); use --cam-at final")
+    return {cam_label(m, layer): (m, layer) for m in cam_methods(methods) for layer in where}
+
+
+def _cams(model: nn.Module, x: torch.Tensor, target: torch.Tensor, specs: Mapping[str, tuple[str, str]],
+          bs: int, progress: Progress) -> dict[str, torch.Tensor]:
+    """Every CAM of ``specs`` on ``x``: one batched pass per method and layer."""
+    out = {}
+    for j, (label, (method, layer)) in enumerate(specs.items()):
+        progress(f"CAMs ({label})", j, len(specs))
+        out[label] = cam(model, x, target, method, layer, bs)
+    progress("CAMs", len(specs), len(specs))
+    return out
+
+
+def attention_rows(run: Run, paths: Sequence[str | Path], labels: Sequence[str], title: str,
+                   cams: Mapping[str, tuple[str, str]] | None = None,
+                   boxes: Sequence[metrics.ImageBoxes | None] | None = None) -> Any:
+    """Paper-Figure-3 grid for ``paths``: image, then every site's map (and the ``cams`` for the predicted
+    class); right/wrong marked. ``boxes`` (in model-input pixels) are outlined on the image."""
+    probs, maps = run.predict(list(paths))
+    if cams:
+        maps.update(_cams(run.model, load_batch(run, paths), probs.argmax(-1), cams, len(paths), _noop))
+    top = run.top(probs, 1)
+    boxes = boxes if boxes is not None else [None] * len(paths)
+    images = [display_image(run, p, b) for p, b in zip(paths, boxes)]
+    preds = [t[0][0] for t in top]
+    conf = [t[0][1] for t in top]
+    return viz.attention_grid(images, {k: v.numpy() for k, v in maps.items()}, list(labels), preds, conf,
+                              title=title, max_rows=len(paths))
 
 
 def _finest(maps: Mapping[str, torch.Tensor]) -> tuple[int, int]:
@@ -216,17 +263,46 @@ def _finest(maps: Mapping[str, torch.Tensor]) -> tuple[int, int]:
     return max((tuple(m.shape[-2:]) for m in maps.values()), key=lambda s: s[0] * s[1])
 
 
+def _sanity(run: Run, x: torch.Tensor, target: torch.Tensor, maps: Mapping[str, torch.Tensor],
+            specs: Mapping[str, tuple[str, str]], seed: int, bs: int, progress: Progress) -> dict[str, float]:
+    """Each map's rank correlation with the same map of the model re-initialised from the head down."""
+    progress("sanity check", 0, 1)
+    randomized = randomized_model(run.model, seed)
+    after: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for start in range(0, len(x), bs):
+            randomized(x[start : start + bs].to(next(randomized.parameters()).device))
+            for k, v in randomized.attention_maps().items():
+                after.setdefault(k, []).append(v.cpu())
+    random_maps = {k: torch.cat(v) for k, v in after.items()}
+    random_maps.update(_cams(randomized, x, target, specs, bs, progress))
+    progress("sanity check", 1, 1)
+    return {k: metrics.rank_correlation(maps[k], random_maps[k]) for k in maps if k in random_maps}
+
+
 def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | None = None, n: int = 6,
                   deletion_images: int = 100, steps: int = 10, seed: int = 0, bs: int = 32,
-                  progress: Progress | None = None) -> Interpretation:
-    """What ``attnzoo interpret`` does: on the run's validation images, write into ``out`` (default: the run
-    folder) the attention grid with Grad-CAM, top losses, confusion matrix, deletion curves, localisation scores
-    (when ``boxes.csv`` is at the data root; also saved into the run's attnzoo.json under ``localization``) and
-    ``report.html``. Deletion curves use ``deletion_images`` validation images spread over the classes.
+                  cams: str | Sequence[str] = "gradcam", cam_at: str = "final", tolerance: float = 15.0,
+                  road_images: int = 16, sanity_images: int = 32, progress: Progress | None = None) -> Interpretation:
+    """What ``attnzoo interpret`` does, on the run's validation images. Writes into ``out`` (default: the run
+    folder) the attention grid with the CAMs, top losses, confusion matrix, deletion and insertion curves,
+    localisation scores (when ``boxes.csv`` is at the data root) and ``report.html``; saves the scores into the
+    run's attnzoo.json (``localization``, ``faithfulness``).
+
+    ``cams``: pytorch-grad-cam methods (``explain.CAM_METHODS``) at the final feature level or, ``cam_at="sites"``,
+    at each attention site; computed for the true class. ``tolerance``: of the pointing game, in original-image
+    pixels. Deletion and insertion curves use ``deletion_images`` images spread over the classes; ROAD and the
+    sanity check (model-parameter randomisation) the first ``road_images`` and ``sanity_images`` of them.
     """
     progress = progress or _noop
     if run.path is None and out is None:
         raise AttnzooError("the run has no folder; pass out=DIR")
+    for name, value in (("deletion_images", deletion_images), ("steps", steps), ("n", n)):
+        if value < 1:
+            raise AttnzooError(f"{name} must be at least 1, got {value}")
+    if road_images < 0 or sanity_images < 0 or not tolerance >= 0:
+        raise AttnzooError("road_images, sanity_images and tolerance must not be negative")
+    specs = cam_specs(run.model, cams, cam_at, run.img_size)
     if out is not None and (run.path is None or Path(out).resolve() != Path(run.path).resolve()):
         from .outputs import check_new_folder
 
@@ -238,6 +314,7 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
     labels = torch.tensor([run.classes.index(p.parent.name) for p in paths])
     probs, maps = _predict_all(run, paths, bs, progress)
     preds = probs.argmax(-1)
+    kinds = {k: "gate" if run.model.kind == "gate" else "tap" for k in maps}
     files: dict[str, Path] = {}
 
     rows = (run.config.get("metrics") or {}).get("per_epoch") or []
@@ -246,17 +323,19 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
     cm = confusion_matrix(labels.tolist(), preds.tolist(), len(run.classes))
     files["confusion"] = viz.save_figure(confusion_figure(cm, run.classes), out / "confusion_matrix.png")
 
-    boxes: list[metrics.Box | None] = [None] * len(paths)
+    boxes: list[metrics.ImageBoxes | None] = [None] * len(paths)
     if localize.has_boxes(info.root):
         progress("boxes", 0, 1)
         boxes = localize.load_boxes(info.root, paths, run.img_size)
     keep = [i for i, b in enumerate(boxes) if b is not None]  # scored for localisation
-    chosen = [index[p] for p in sample_valid(paths, deletion_images, seed)]  # for the deletion curves
+    chosen = [index[p] for p in sample_valid(paths, deletion_images, seed)]  # for the curves, ROAD, sanity
     need = sorted(set(keep) | set(chosen))
-    cam = _gradcam_paths(run, [paths[i] for i in need], labels[need], bs, progress)  # the true class, as scored
-    cam_label = gradcam_label(run.model, run.img_size)
-    maps[cam_label] = torch.zeros(len(paths), *cam.shape[1:])  # only the rows in `need` are used
-    maps[cam_label][need] = cam
+    x_need = load_batch(run, [paths[i] for i in need])
+    for label, m in _cams(run.model, x_need, labels[need], specs, bs, progress).items():  # the true class
+        maps[label] = torch.zeros(len(paths), *m.shape[1:])  # only the rows in `need` are used
+        maps[label][need] = m
+        kinds[label] = "cam"
+    kinds.update(random="random", chance="chance")
 
     localization = None
     if keep:
@@ -264,12 +343,11 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
         scored = {name: m[keep] for name, m in maps.items()}
         scored["random"] = metrics.random_maps(len(keep), _finest(scored), seed)
         progress("localisation", 0, 1)
-        scores = metrics.score_maps(scored, kept, run.img_size)
-        scores["chance"] = {**metrics.random_baseline(kept, run.img_size), "images": len(keep)}
-        kinds = {cam_label: "grad-cam", "random": "random", "chance": "chance"}
+        scores = metrics.score_maps(scored, kept, run.img_size, tolerance)
+        scores["chance"] = {**metrics.random_baseline(kept, run.img_size, tolerance), "images": len(keep)}
         localization = dict(
             images=len(keep), split="valid", boxes=str(Path(info.root) / localize.BOXES_FILE),
-            scores={k: {"kind": kinds.get(k, "attention"), **v} for k, v in scores.items()},
+            tolerance=tolerance, iou_threshold=0.5, scores={k: {"kind": kinds[k], **v} for k, v in scores.items()},
         )
         files["localization"] = viz.save_figure(localization_figure(localization), out / "localization.png")
 
@@ -277,30 +355,45 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
     sample = sample_valid(paths, n, seed)
     title = f"{run.config.get('backbone')} + {run.config.get('attn')}: where it looks"
     files["attention"] = viz.save_figure(
-        attention_rows(run, sample, [p.parent.name for p in sample], title, with_gradcam=True,
+        attention_rows(run, sample, [p.parent.name for p in sample], title, cams=specs,
                        boxes=[boxes[index[p]] for p in sample]), out / "attention_gradcam.png")
     progress("figures", 1, 2)
     losses = -probs[torch.arange(len(paths)), labels].clamp_min(1e-12).log()
     top = losses.topk(min(n, len(paths))).indices.tolist()
     files["top_losses"] = viz.save_figure(
         attention_rows(run, [paths[i] for i in top], [paths[i].parent.name for i in top],
-                       "top losses: " + ", ".join(f"{losses[i]:.2f}" for i in top), with_gradcam=True,
+                       "top losses: " + ", ".join(f"{losses[i]:.2f}" for i in top), cams=specs,
                        boxes=[boxes[i] for i in top]), out / "top_losses.png")
 
+    x = x_need[[need.index(i) for i in chosen]]
     del_maps = {name: m[chosen] for name, m in maps.items()}
     del_maps["random"] = metrics.random_maps(len(chosen), _finest(del_maps), seed)
-    curves = deletion_curves(run, load_batch(run, [paths[i] for i in chosen]), labels[chosen], del_maps,
-                             steps=steps, seed=seed, progress=progress)
+    curves = {mode: perturbation_curves(run, x, labels[chosen], del_maps, mode, steps, seed=seed, progress=progress)
+              for mode in ("deletion", "insertion")}
+    road = road_scores(run, x[:road_images], labels[chosen][:road_images], {k: v[:road_images] for k, v in
+                                                                            del_maps.items()},
+                       seed=seed, progress=progress) if road_images else {}
+    sanity = _sanity(run, x[:sanity_images], labels[chosen][:sanity_images],
+                     {k: v[:sanity_images] for k, v in del_maps.items() if k != "random"}, specs, seed, bs,
+                     progress) if sanity_images else {}
     faithfulness = dict(
         images=len(chosen), steps=steps, fill="0 in normalised space (the normalisation mean colour)",
-        auc={k: metrics.curve_auc(c) for k, c in curves.items()},
-        curves={k: c.round(5).tolist() for k, c in curves.items()},
+        auc={k: metrics.curve_auc(c) for k, c in curves["deletion"].items()},
+        insertion_auc={k: metrics.curve_auc(c) for k, c in curves["insertion"].items()},
+        curves={k: c.round(5).tolist() for k, c in curves["deletion"].items()},
+        insertion_curves={k: c.round(5).tolist() for k, c in curves["insertion"].items()},
+        road=dict(images=min(road_images, len(chosen)), percentiles=[20, 40, 60, 80], scores=road),
+        sanity=dict(images=min(sanity_images, len(chosen)), randomized="every weight, from the head down",
+                    rank_correlation=sanity),
+        kinds={k: kinds[k] for k in del_maps},
     )
-    files["deletion"] = viz.save_figure(
-        deletion_figure(curves, f"deletion curves ({len(chosen)} validation images)"), out / "deletion.png")
+    for mode in ("deletion", "insertion"):
+        files[mode] = viz.save_figure(
+            curves_figure(curves[mode], mode, f"{mode} curves ({len(chosen)} validation images)"), out / f"{mode}.png")
 
     result = Interpretation(out, len(paths), float((preds == labels).float().mean()),
-                            most_confused(cm, run.classes), localization, faithfulness, files)
+                            most_confused(cm, run.classes), localization, faithfulness, files,
+                            score_table(localization, faithfulness))
     if run.path is not None and (Path(run.path) / CONFIG).is_file():
         entries: dict[str, Any] = {"faithfulness": faithfulness}
         if localization is not None:
@@ -322,14 +415,16 @@ def param_count(weights: str | Path) -> int:
 
 
 def compare_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """One row per run folder (read from attnzoo.json and the safetensors header, no model is built)."""
+    """One row per run folder (read from attnzoo.json and the safetensors header, no model is built): accuracy,
+    size, speed, the best attention map and the best CAM by the pointing game, flagged maps, and ``scores``,
+    the run's whole score table (``report.score_table``) when ``attnzoo interpret`` has scored it."""
     out = []
     for p in paths:
         p = Path(p)
         cfg = RunFolder(p).read_config()
         final = (cfg.get("metrics") or {}).get("final") or {}
-        scores = (cfg.get("localization") or {}).get("scores") or {}
-        best, cam = best_map(scores, "attention"), best_map(scores, "grad-cam")
+        table = score_table(cfg.get("localization"), cfg.get("faithfulness"))
+        best, cam_row = best_map(table, ("tap", "gate", "attention")), best_map(table, ("cam", "grad-cam"))
         nan = float("nan")
         out.append(dict(
             run=p.name, path=str(p), backbone=cfg.get("backbone"), attn=cfg.get("attn"), sites=cfg.get("sites") or [],
@@ -338,8 +433,12 @@ def compare_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
             time_per_epoch=time_per_epoch(cfg), epochs=len((cfg.get("metrics") or {}).get("per_epoch") or []),
             best_site=best[0] if best else None,
             pointing=best[1]["pointing"] if best else nan, energy=best[1]["energy"] if best else nan,
-            gradcam_pointing=cam[1]["pointing"] if cam else nan, gradcam_energy=cam[1]["energy"] if cam else nan,
-            deletion_auc=(cfg.get("faithfulness") or {}).get("auc") or {},
+            best_cam=cam_row[0] if cam_row else None,
+            cam_pointing=cam_row[1]["pointing"] if cam_row else nan,
+            cam_energy=cam_row[1]["energy"] if cam_row else nan,
+            random_pointing=table.get("random", {}).get("pointing", nan),
+            flagged={k: r["flags"] for k, r in table.items() if r["flags"]},
+            scores=table,
         ))
     return out
 
@@ -349,7 +448,7 @@ def compare_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
     names = [f"{r['run']}\n{r['backbone']} + {r['attn']}" for r in rows]
     series = {"accuracy": [r["accuracy"] for r in rows]}
     for key, label in (("pointing", "pointing (best site)"), ("energy", "energy (best site)"),
-                       ("gradcam_pointing", "pointing (Grad-CAM)"), ("gradcam_energy", "energy (Grad-CAM)")):
+                       ("cam_pointing", "pointing (best CAM)"), ("cam_energy", "energy (best CAM)")):
         values = [r[key] for r in rows]
         if not all(math.isnan(v) for v in values):
             series[label] = values

@@ -7,13 +7,15 @@ it. ``attnzoo.metrics`` scores maps against them.
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
 
-from .metrics import Box
+from .errors import AttnzooError
+from .metrics import Box, ImageBoxes
 
 BOXES_FILE = "boxes.csv"
 
@@ -38,24 +40,36 @@ def _relative(image: Path, root: Path) -> str:
         return image.as_posix()
 
 
+def read_boxes(root: str | os.PathLike) -> dict[str, list[Box]]:
+    """``root/boxes.csv`` (header ``image,x_min,y_min,x_max,y_max``, a row per box, an image may have several)
+    as ``{image relative to root: [boxes in its original pixels]}``."""
+    table: dict[str, list[Box]] = {}
+    with open(Path(root) / BOXES_FILE, newline="", encoding="utf-8") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            try:
+                box = tuple(float(row[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
+            except (KeyError, TypeError, ValueError):
+                raise AttnzooError(f"{Path(root) / BOXES_FILE}, line {line}: expected image,x_min,y_min,x_max,y_max "
+                                   "with numbers") from None
+            table.setdefault(row["image"], []).append(box)  # type: ignore[arg-type]
+    return table
+
+
 def load_boxes(root: str | os.PathLike, images: Sequence[str | os.PathLike],
-               image_size: int | Sequence[int]) -> list[Box | None]:
-    """The box of each image from ``root/boxes.csv``, scaled to ``image_size`` (S or (H, W)); None if absent.
-
-    Only the image headers are read (for their original size).
-    """
-    from .demo import read_boxes
-
+               image_size: int | Sequence[int]) -> list[ImageBoxes | None]:
+    """The boxes of each image from ``root/boxes.csv``, scaled to ``image_size`` (S or (H, W)), with the
+    original pixels per scaled pixel; None for an image without a box. Only image headers are read."""
     root = Path(root)
     table = read_boxes(root)
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    out: list[Box | None] = []
+    out: list[ImageBoxes | None] = []
     for image in images:
         key = _relative(Path(image), root)
-        box = table.get(key)
-        if box is None:
+        boxes = table.get(key)
+        if not boxes:
             out.append(None)
             continue
         with Image.open(root / key) as im:
-            out.append(scale_box(box, im.size, (w, h)))
+            size = im.size
+        out.append(ImageBoxes(tuple(scale_box(b, size, (w, h)) for b in boxes), (size[0] / w, size[1] / h)))
     return out

@@ -7,12 +7,13 @@ import html
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .explain import gradcam_site
+from .metrics import flags
 from .run import Run, _atomic_write
 
 if TYPE_CHECKING:
@@ -61,38 +62,133 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
 th,td{border:1px solid #ddd;padding:.25em .7em;text-align:left} th{background:#f3f3f3}
 td:not(:first-child){font-variant-numeric:tabular-nums}
 figure{margin:.8em 0} img{max-width:100%;height:auto;border:1px solid #eee}
+table.scores th{font-weight:600} tr.baseline{color:#666;font-style:italic}
+.flag{background:#c62828;color:#fff;border-radius:3px;padding:0 .4em;margin-right:.3em;font-size:.85em}
 pre{background:#f6f8fa;padding:1em;overflow:auto;font-size:.85em} .muted{color:#777;font-size:.9em}
 """
 
 
+@dataclass(frozen=True)
+class Column:
+    """A score of the table: its key, its header, whether higher is better, and what it measures."""
+
+    key: str
+    label: str
+    higher: bool
+    what: str
+
+
+COLUMNS = (
+    Column("pointing", "pointing game", True, "share of images whose map peaks inside a box"),
+    Column("pointing_tolerance", "pointing ±tol", True, "the same, a peak within the tolerance of a box hits"),
+    Column("energy", "energy in box", True, "share of the map's mass inside the boxes (Score-CAM's energy game)"),
+    Column("iou", "IoU@0.5", True, "IoU of the map above half its range with the boxes"),
+    Column("max_box_acc", "MaxBoxAcc", True, "best threshold's share of images whose map box has IoU >= 0.5"),
+    Column("deletion", "deletion AUC", False, "true-class probability as top pixels are deleted"),
+    Column("insertion", "insertion AUC", True, "true-class probability as top pixels are inserted"),
+    Column("road", "ROAD", True, "remove-and-debias: (LeRF - MoRF) / 2 probability drop"),
+    Column("sanity", "rank corr. randomised", False, "Spearman correlation with the map of the re-initialised model"),
+)
+BASELINES = ("random", "chance")
+
+
+def score_table(localization: Mapping[str, Any] | None, faithfulness: Mapping[str, Any] | None,
+                insensitive_at: float = 0.5, inverted_below: float = 0.5) -> dict[str, dict[str, Any]]:
+    """Every map against every score (``COLUMNS``), with its kind and its flags (``metrics.flags``), from what
+    ``interpret_run`` saves into attnzoo.json; NaN where a score was not measured."""
+    loc = (localization or {}).get("scores") or {}
+    faith = faithfulness or {}
+    sources = {"deletion": faith.get("auc") or {}, "insertion": faith.get("insertion_auc") or {},
+               "road": (faith.get("road") or {}).get("scores") or {},
+               "sanity": (faith.get("sanity") or {}).get("rank_correlation") or {}}
+    kinds = {**(faith.get("kinds") or {}), **{k: v.get("kind") for k, v in loc.items()}}
+    names = list(dict.fromkeys([*loc, *sources["deletion"]]))
+    names = [k for k in names if k not in BASELINES] + [k for k in BASELINES if k in names]
+    chance = loc.get("chance", {}).get("pointing", math.nan)
+    table: dict[str, dict[str, Any]] = {}
+    for name in names:
+        row = {c.key: float(loc.get(name, {}).get(c.key, math.nan)) for c in COLUMNS}
+        row.update({key: float(values.get(name, math.nan)) for key, values in sources.items()})
+        row["kind"] = kinds.get(name) or "attention"
+        row["flags"] = [] if name in BASELINES else flags(row, chance, insensitive_at, inverted_below)
+        table[name] = row
+    return table
+
+
+def best_per_column(table: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """``{score: the map that does best}`` among the maps (the baselines excluded), for measured scores."""
+    out = {}
+    for c in COLUMNS:
+        values = [(name, row[c.key]) for name, row in table.items()
+                  if name not in BASELINES and not math.isnan(row[c.key])]
+        if values:
+            out[c.key] = (max if c.higher else min)(values, key=lambda kv: kv[1])[0]
+    return out
+
+
+def _beats(value: float, reference: float, higher: bool) -> bool:
+    return not math.isnan(reference) and (value > reference if higher else value < reference)
+
+
+def _names(items: Sequence[str]) -> str:
+    quoted = [f"<b>{html.escape(i)}</b>" for i in items]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
 def findings(run: Run, result: Interpretation) -> list[str]:
-    """The report's conclusions in a few sentences (HTML)."""
+    """The report's conclusions in a few sentences (HTML), each read off the score table."""
     chance = 1 / len(run.classes)
     out = [f"The model is right on <b>{result.accuracy:.1%}</b> of {result.n_images} validation images "
            f"(guessing: {chance:.1%})."]
-    loc = result.localization
-    if loc is not None:
-        scores = loc["scores"]
-        best = best_map(scores, "attention") or best_map(scores, "grad-cam")
-        base = scores["chance"]["energy"]
-        if best is not None:
-            name, v = best
-            out.append(f"The map that finds the object best is <b>{html.escape(name)}</b>: its peak is on the "
-                       f"object in {v['pointing']:.0%} of the images and {v['energy']:.0%} of its mass lies on "
-                       f"the object, where a map that knows nothing about the object gets {base:.0%} on both.")
-    auc = result.faithfulness["auc"]
-    ranked = sorted(auc, key=auc.get)
-    if ranked and ranked[0] != "random":
-        site = next((k for k in ranked if k in run.model.sites), None)
-        also = (f"; the most faithful attention map is {html.escape(site)} ({auc[site]:.3f})"
-                if site is not None and site != ranked[0] else "")
-        out.append(f"Deleting the pixels <b>{html.escape(ranked[0])}</b> ranks highest lowers the true class's "
-                   f"probability fastest: deletion AUC {auc[ranked[0]]:.3f}, against "
-                   f"{auc.get('random', float('nan')):.3f} for a random map (lower is more faithful){also}.")
-    elif ranked:
-        out.append("No map beats the random map in the deletion test: the prediction does not rest on the "
-                   "attended pixels more than on any others.")
+    table = result.table
+    best = best_per_column(table)
+    random_row = table.get("random", {})
+    for key, verb in (("pointing", "finds the object best by the pointing game"),
+                      ("max_box_acc", "boxes the object best (MaxBoxAcc)"),
+                      ("deletion", "is the most faithful by deletion"),
+                      ("insertion", "is the most faithful by insertion"), ("road", "is the most faithful by ROAD")):
+        if key not in best:
+            continue
+        col = next(c for c in COLUMNS if c.key == key)
+        name, value, ref = best[key], table[best[key]][key], random_row.get(key, math.nan)
+        versus = f", against {ref:.3f} for a random map" if not math.isnan(ref) else ""
+        if math.isnan(ref) or _beats(value, ref, col.higher):
+            out.append(f"{_names([name])} {verb}: {col.label} {value:.3f}{versus}.")
+        else:
+            out.append(f"No map beats the random map on {col.label} (best: {html.escape(name)} {value:.3f}"
+                       f"{versus}).")
+    inverted = [k for k, r in table.items() if "inverted" in r["flags"]]
+    if inverted:
+        base = table.get("chance", {}).get("pointing", math.nan)
+        out.append(f"Inverted: {_names(inverted)} {'peaks' if len(inverted) == 1 else 'peak'} on the object "
+                   f"less than half as often as a map that knows nothing would ({base:.3f}): "
+                   "they mark the background.")
+    insensitive = [k for k, r in table.items() if "insensitive" in r["flags"]]
+    if insensitive:
+        out.append(f"Insensitive: {_names(insensitive)} barely change when the model's weights are "
+                   "re-initialised (rank correlation 0.5 or more): such a map shows the image more than what "
+                   "the model learned.")
     return out
+
+
+def score_table_html(table: Mapping[str, Mapping[str, Any]]) -> str:
+    """The table of every map against every score; the best value per column in bold."""
+    best = best_per_column(table)
+    cols = [c for c in COLUMNS if any(not math.isnan(r[c.key]) for r in table.values())]
+    head = "".join(f'<th title="{html.escape(c.what)}">{html.escape(c.label)} {"&uarr;" if c.higher else "&darr;"}'
+                   "</th>" for c in cols)
+    body = []
+    for name, row in table.items():
+        cells = []
+        for c in cols:
+            text = _fmt(row[c.key], 3)
+            cells.append(f"<td><b>{text}</b></td>" if best.get(c.key) == name else f"<td>{text}</td>")
+        flagged = "".join(f'<span class="flag">{f}</span>' for f in row["flags"])
+        cls = ' class="baseline"' if name in BASELINES else ""
+        body.append(f"<tr{cls}><th>{html.escape(name)}</th><td>{html.escape(str(row['kind']))}</td>"
+                    + "".join(cells) + f"<td>{flagged}</td></tr>")
+    return (f'<table class="scores"><thead><tr><th>map</th><th>kind</th>{head}<th>flags</th></tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table>")
 
 
 def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
@@ -108,7 +204,6 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
     counts = data.get("counts") or {}
     sites = ", ".join(cfg.get("sites") or []) or "none (baseline)"
     kind = run.model.kind or "no attention"
-    cam_site = gradcam_site(run.model, run.img_size)
     name = run.path.name if run.path is not None else path.parent.name
     n_train = sum((counts.get("train") or {}).values())
     lead = (f"<b>{html.escape(str(cfg.get('backbone')))}</b> with <b>{html.escape(str(cfg.get('attn')))}</b> "
@@ -133,8 +228,9 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
         f"<h1>Run report: {html.escape(name)}</h1>", f'<p class="lead">{lead}</p>',
         '<div class="note"><b>How to read this page.</b> An <i>attention map</i> is where the model weighs the '
         "image most when it decides; attnzoo reads it straight from the attention module at each <i>site</i> "
-        f"(a layer of the backbone). <i>Grad-CAM</i> is a different, gradient-based explanation at {cam_site}, "
-        "shown for comparison. The sections below show how training went, where the model looks, whether "
+        "(a layer of the backbone). A <i>CAM</i> (class activation map, e.g. Grad-CAM) is a post-hoc "
+        "explanation computed from the features of the layer its name gives and, for most methods, their "
+        "gradients, shown for comparison. The sections below show how training went, where the model looks, whether "
         "that is where the object is (when object boxes are known), whether the prediction really rests on "
         "the attended pixels, and which classes get mixed up.</div>",
         "<h2>In short</h2><ul>" + "".join(f"<li>{f}</li>" for f in findings(run, result)) + "</ul>",
@@ -148,7 +244,7 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
     parts += [
         "<h2>Where the model looks</h2>",
         "<p>One row per validation image: the image as the model sees it, then each site's attention map "
-        f"blended over it (red = high, blue = low), then Grad-CAM at {html.escape(cam_site)} for the predicted "
+        "blended over it (red = high, blue = low), then each CAM for the predicted "
         "class. A green "
         "&#10003; title means the prediction is right, a red &#10007; wrong, with the probability the model "
         "gives its prediction. The white rectangle, when shown, is the object's box. Each map is scaled to its "
@@ -156,34 +252,37 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
         _figure(files.get("attention"), "attention maps and Grad-CAM on validation images"),
     ]
     loc = result.localization
-    parts.append("<h2>Does attention find the object?</h2>")
-    if loc is None:
-        parts.append("<p>No <code>boxes.csv</code> at the data root, so there is nothing to score the maps "
-                     "against. Add one (<code>image,x_min,y_min,x_max,y_max</code>) to measure this.</p>")
-    else:
-        parts += [
-            f"<p>Scored on the {loc['images']} validation images that have a box. <b>Pointing game</b>: the share "
-            "of images where the map's strongest cell lies inside the object's box. <b>Energy in box</b>: the share of "
-            "the map's mass inside the box (after shifting the map's minimum to 0). Both are higher when the "
-            "map finds the object. Grad-CAM is computed for the true class here. <i>Random</i> is a seeded "
-            "noise map scored the same way; <i>chance</i> is what a map that knows nothing scores on average "
-            "(the box's share of the image).</p>",
-            _html_table(["map", "kind", "pointing game", "energy in box"],
-                        [[k, v["kind"], _fmt(v["pointing"], 3), _fmt(v["energy"], 3)]
-                         for k, v in loc["scores"].items()]),
-            _figure(files.get("localization"), "localisation scores"),
-        ]
     faith = result.faithfulness
+    road, sanity = faith.get("road") or {}, faith.get("sanity") or {}
+    parts.append("<h2>How good is each map?</h2>")
+    if loc is None:
+        parts.append("<p>No <code>boxes.csv</code> at the data root, so there is nothing to score localisation "
+                     "against. Add one (<code>image,x_min,y_min,x_max,y_max</code>, a row per box) to measure it.</p>")
+    else:
+        parts.append(
+            f"<p><b>Does the map find the object?</b> Scored on the {loc['images']} validation images that have a "
+            "box. <i>Pointing game</i>: the share of images whose map peaks inside a box "
+            f"(<i>±tol</i>: within {_fmt(float(loc.get('tolerance', 0)), 0)} pixels of the original image, as "
+            "TorchRay's benchmark). <i>Energy in box</i>: the share of the map's mass inside the boxes. "
+            "<i>IoU@0.5</i>: overlap of the map's upper half with the boxes. <i>MaxBoxAcc</i>: at the best "
+            "threshold, the share of images where the box around the map overlaps a box by IoU 0.5 or more.</p>")
     parts += [
-        "<h2>Does the prediction rest on the attended pixels?</h2>",
-        f"<p>Deletion test on {faith['images']} validation images: the pixels a map ranks highest are "
-        f"replaced by the mean colour, {100 // faith['steps']}% of the image at a time, and the probability of "
-        "the true class is measured. A map that points at what the prediction depends on makes the probability "
-        "fall fast: a <b>lower area under the curve (AUC) is more faithful</b>. Grad-CAM is for the true "
-        "class; the random map is the reference.</p>",
+        f"<p><b>Does the prediction rest on the pixels the map ranks high?</b> On {faith['images']} validation "
+        f"images, the top-ranked pixels are deleted (replaced by the mean colour) or inserted into a blank image, "
+        f"{100 // faith['steps']}% at a time, and the true class's probability is measured: <i>deletion AUC</i> "
+        "is lower and <i>insertion AUC</i> higher for a faithful map. <i>ROAD</i> (on "
+        f"{road.get('images', 0)} images) removes pixels by imputing them from their neighbours, so that the "
+        "image stays natural; higher is more faithful. <b>Sanity check</b> (on "
+        f"{sanity.get('images', 0)} images): the rank correlation of each map with the same map after every "
+        "weight of the model is re-initialised; a map that explains the model changes (low correlation).</p>",
+        "<p>CAMs are computed for the true class. Arrows give the better direction; the best map per column is "
+        "in bold. <i>random</i> is a seeded noise map scored the same way; <i>chance</i> is what a map that "
+        "knows nothing scores on average. Flags: <i>inverted</i>, a pointing game below half of chance; "
+        "<i>insensitive</i>, a rank correlation of 0.5 or more with the randomised model's map.</p>",
+        score_table_html(result.table),
+        _figure(files.get("localization"), "localisation scores"),
         _figure(files.get("deletion"), "deletion curves"),
-        _html_table(["map", "deletion AUC (lower = more faithful)"],
-                    [[k, _fmt(v, 3)] for k, v in sorted(faith["auc"].items(), key=lambda kv: kv[1])]),
+        _figure(files.get("insertion"), "insertion curves"),
         "<h2>Mistakes</h2>",
         _figure(files.get("confusion"), "confusion matrix"),
     ]
@@ -204,7 +303,8 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
 
 
 
-def best_map(scores: Mapping[str, Any], kind: str) -> tuple[str, dict[str, float]] | None:
-    """The map of ``kind`` with the highest energy in box."""
-    found = [(k, v) for k, v in scores.items() if v.get("kind") == kind]
-    return max(found, key=lambda kv: kv[1]["energy"]) if found else None
+def best_map(scores: Mapping[str, Any], kinds: Sequence[str]) -> tuple[str, dict[str, float]] | None:
+    """The map of one of ``kinds`` with the highest pointing game."""
+    found = [(k, v) for k, v in scores.items()
+             if v.get("kind") in kinds and not math.isnan(v.get("pointing", math.nan))]
+    return max(found, key=lambda kv: kv[1]["pointing"]) if found else None

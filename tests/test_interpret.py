@@ -185,7 +185,7 @@ def test_interpret_writes_the_plots_and_the_report_into_the_run_folder(interpret
     _, run_dir, code, _ = interpreted
     assert code == 0
     for name in ("history.png", "confusion_matrix.png", "attention_gradcam.png", "top_losses.png", "deletion.png",
-                 "localization.png", "report.html"):
+                 "insertion.png", "localization.png", "report.html"):
         assert (run_dir / name).is_file(), name
     with Image.open(run_dir / "attention_gradcam.png") as im:
         assert im.width > 1.5 * im.height  # image, three sites and Grad-CAM side by side, two rows
@@ -194,11 +194,11 @@ def test_interpret_writes_the_plots_and_the_report_into_the_run_folder(interpret
 def test_report_html_is_one_self_contained_page(interpreted):
     _, run_dir, _, _ = interpreted
     page = (run_dir / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 6
+    assert page.count("data:image/png;base64,") == 7
     assert 'src="http' not in page and "href=" not in page
     assert not re.search(r'src="(?!data:)', page)
-    for words in ("test_resnet", "lpa-pc", "pointing game", "energy in box", "deletion AUC", "Grad-CAM at layer3",
-                  "Most confused"):
+    for words in ("test_resnet", "lpa-pc", "pointing game", "energy in box", "deletion AUC", "insertion AUC", "ROAD",
+                  "MaxBoxAcc", "rank corr. randomised", "Grad-CAM at layer3", "Most confused"):
         assert words in page, words
 
 
@@ -206,11 +206,15 @@ def test_localisation_lands_in_attnzoo_json_next_to_everything_else(interpreted)
     _, run_dir, _, _ = interpreted
     config = json.loads((run_dir / "attnzoo.json").read_text())
     scores = config["localization"]["scores"]
-    assert config["localization"]["images"] == 6
+    assert config["localization"]["images"] == 6 and config["localization"]["tolerance"] == 15
     assert set(scores) == {"layer1", "layer2", "layer3", "Grad-CAM at layer3", "random", "chance"}
-    assert all(0 <= s["pointing"] <= 1 and 0 <= s["energy"] <= 1 for s in scores.values())
-    assert scores["layer1"]["kind"] == "attention" and scores["chance"]["kind"] == "chance"
-    assert set(config["faithfulness"]["auc"]) == {"layer1", "layer2", "layer3", "Grad-CAM at layer3", "random"}
+    for key in ("pointing", "pointing_tolerance", "energy", "iou", "max_box_acc"):
+        assert all(0 <= s[key] <= 1 for k, s in scores.items() if k != "chance"), key
+    assert scores["layer1"]["kind"] == "tap" and scores["Grad-CAM at layer3"]["kind"] == "cam"
+    faith = config["faithfulness"]
+    maps = {"layer1", "layer2", "layer3", "Grad-CAM at layer3", "random"}
+    assert set(faith["auc"]) == set(faith["insertion_auc"]) == set(faith["road"]["scores"]) == maps
+    assert set(faith["sanity"]["rank_correlation"]) == maps - {"random"}
     assert config["backbone"] == "test_resnet" and len(config["metrics"]["per_epoch"]) == 2
 
 
@@ -239,6 +243,7 @@ def test_compare_prints_a_table_and_writes_a_bar_chart(interpreted, tmp_path, ca
     assert rows[0]["time_per_epoch"] == 4.0 and rows[0]["accuracy"] == 0.5
     assert rows[0]["params"] == sum(p.numel() for p in attnzoo.load_run(run_dir).model.parameters())
     assert rows[0]["best_site"] in ("layer1", "layer2", "layer3") and np.isnan(rows[1]["pointing"])
+    assert rows[0]["best_cam"] == "Grad-CAM at layer3" and set(rows[0]["scores"]) >= {"layer1", "random", "chance"}
 
 
 def test_interpret_without_boxes_skips_localisation(tmp_path, capsys):
@@ -263,3 +268,27 @@ def test_a_missing_data_folder_names_the_way_out(tmp_path, capsys):
     run_dir = make_run(tmp_path / "r", tmp_path / "gone", "lpa-pc")
     code, _, err = run_cli(capsys, "interpret", str(run_dir))
     assert code == 2 and "--data" in err
+
+
+def test_interpret_json_carries_every_score_of_every_map_and_cam_method(tmp_path, capsys):
+    data = make_boxed_folder(tmp_path / "data", {"train": 1, "valid": 1})
+    run_dir = make_run(tmp_path / "r", data, "softmask-sigmoid")
+    code, out, _ = run_cli(capsys, "interpret", str(run_dir), "--out", str(tmp_path / "o"), "--n", "1",
+                           "--deletion-images", "2", "--cam", "gradcam,eigencam", "--cam", "layercam",
+                           "--cam-at", "sites", "--road-images", "0", "--sanity-images", "2", "--json")
+    assert code == 0
+    result = json.loads(out)  # strict JSON: a score not measured is null
+    table = result["table"]
+    assert set(table) == {"layer3", "Grad-CAM at layer3", "Eigen-CAM at layer3", "LayerCAM at layer3", "random",
+                          "chance"}
+    assert table["layer3"]["kind"] == "gate" and table["Eigen-CAM at layer3"]["kind"] == "cam"
+    for key in ("pointing", "pointing_tolerance", "energy", "iou", "max_box_acc", "deletion", "insertion"):
+        assert table["layer3"][key] is not None, key
+    assert table["layer3"]["road"] is None and table["layer3"]["sanity"] is not None
+    assert isinstance(table["layer3"]["flags"], list)
+
+
+def test_an_unknown_cam_method_is_one_line_and_exit_2(tmp_path, capsys):
+    run_dir = make_run(tmp_path / "r", tmp_path / "gone", "lpa-pc")
+    code, _, err = run_cli(capsys, "interpret", str(run_dir), "--cam", "gradcma")
+    assert code == 2 and "did you mean 'gradcam'" in err

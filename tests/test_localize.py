@@ -1,4 +1,4 @@
-"""Localisation scores on hand-made maps whose answers are known."""
+"""Localisation scores on hand-made maps whose answers are known, and boxes.csv read and scaled."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from PIL import Image
 
 from attnzoo.localize import load_boxes, scale_box
 from attnzoo.metrics import (
+    ImageBoxes,
     box_area_fraction,
     energy_in_box,
     pointing_game,
@@ -51,9 +52,9 @@ def test_energy_ignores_a_constant_offset_and_scale():
 
 
 def test_the_random_baseline_is_the_box_area_and_sampled_maps_come_close():
-    boxes = [BOX, (0, 0, 64, 32)]
+    boxes = [ImageBoxes((BOX,)), ImageBoxes(((0, 0, 64, 32),))]
     assert box_area_fraction(BOX, SIZE) == 0.25
-    assert random_baseline(boxes, SIZE) == {"pointing": 0.375, "energy": 0.375}
+    assert random_baseline(boxes, SIZE) == {"pointing": 0.375, "pointing_tolerance": 0.375, "energy": 0.375}
     maps = random_maps(200, (8, 8), seed=0)
     assert torch.equal(maps, random_maps(200, (8, 8), seed=0))
     scores = score_maps({"random": maps}, [BOX] * 200, SIZE)["random"]
@@ -78,4 +79,10 @@ def test_load_boxes_reads_boxes_csv_and_scales_each_box_to_the_model_size(tmp_pa
     Image.new("RGB", (40, 40)).save(tmp_path / "a" / "unboxed.png")
     (tmp_path / "boxes.csv").write_text("image,x_min,y_min,x_max,y_max\na/wide.png,10,5,60,25\n")
     boxes = load_boxes(tmp_path, [tmp_path / "a" / "wide.png", tmp_path / "a" / "unboxed.png"], 20)
-    assert boxes == [(2.0, 2.0, 12.0, 10.0), None]
+    assert boxes == [ImageBoxes(((2.0, 2.0, 12.0, 10.0),), px=(5.0, 2.5)), None]
+
+
+def test_boxes_csv_may_give_an_image_several_boxes_one_row_each(tmp_path):
+    Image.new("RGB", (40, 40)).save(tmp_path / "two.png")
+    (tmp_path / "boxes.csv").write_text("image,x_min,y_min,x_max,y_max\ntwo.png,0,0,4,4\ntwo.png,20,20,40,40\n")
+    assert load_boxes(tmp_path, [tmp_path / "two.png"], 20) == [ImageBoxes(((0, 0, 2, 2), (10, 10, 20, 20)), (2, 2))]
