@@ -323,19 +323,33 @@ def interpret(
     out: Annotated[Path | None, typer.Option(help="Folder for the plots and report.html (default: the run "
                                                   "folder).")] = None,
     n: Annotated[int, typer.Option(help="Images per figure (attention grid, top losses).")] = 6,
-    deletion_images: Annotated[int, typer.Option(help="Validation images for the deletion curves.")] = 100,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
+    deletion_images: Annotated[int, typer.Option(help="Validation images for the deletion and insertion "
+                                                      "curves.")] = 100,
+    cam: Annotated[list[str] | None, typer.Option(help="CAM method(s) from pytorch-grad-cam, repeatable or a comma "
+                                                       "list: gradcam, hirescam, gradcam++, xgradcam, layercam, "
+                                                       "scorecam, eigencam.")] = None,
+    cam_at: Annotated[str, typer.Option(help="Where the CAMs look: 'final' (the final feature level) or 'sites' "
+                                             "(each attention site).")] = "final",
+    tolerance: Annotated[float, typer.Option(help="Pointing-game tolerance, in pixels of the original image.")]
+    = 15.0,
+    road_images: Annotated[int, typer.Option(help="Images for ROAD (0: skip; slow: a sparse solve per image).")]
+    = 16,
+    sanity_images: Annotated[int, typer.Option(help="Images for the sanity check (0: skip).")] = 32,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every score as JSON.")] = False,
 ) -> None:
-    """Explain a trained RUN on its validation images: attention with Grad-CAM side by side, localisation scores
-    against boxes.csv (saved into the run's attnzoo.json), deletion curves, mistakes, and one report.html."""
+    """Explain a trained RUN on its validation images: attention maps and CAMs side by side, and every map scored:
+    localisation against boxes.csv, deletion, insertion, ROAD, a sanity check; mistakes; one report.html."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from .explain import cam_methods
     from .interpret import interpret_run
+    from .report import COLUMNS
     from .run import load_run
 
     for name, value in (("--n", n), ("--deletion-images", deletion_images)):
         if value < 1:
             raise AttnzooError(f"{name} must be at least 1, got {value}")
+    cams = cam_methods(cam or ["gradcam"])
     r = load_run(run)
     console = _console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -345,27 +359,23 @@ def interpret(
         def progress(what: str, done: int, total: int) -> None:
             bar.update(task, description=what, completed=done, total=total)
 
-        result = interpret_run(r, data=data, out=out, n=n, deletion_images=deletion_images, progress=progress)
+        result = interpret_run(r, data=data, out=out, n=n, deletion_images=deletion_images, cams=cams,
+                               cam_at=cam_at, tolerance=tolerance, road_images=road_images,
+                               sanity_images=sanity_images, progress=progress)
     if as_json:
-        print(json.dumps(dict(accuracy=result.accuracy, images=result.n_images, localization=result.localization,
-                              deletion_auc=result.faithfulness["auc"], most_confused=result.confused,
-                              files={k: str(v) for k, v in result.files.items()}), indent=2))
+        print(json.dumps(result.to_dict(), indent=2))
         return
     console.print(f"validation accuracy {result.accuracy:.1%} on {result.n_images} images")
     if result.confused:
         _print_table(console, "most confused (actual -> predicted)", ["actual", "predicted", "images"],
                              [list(c) for c in result.confused])
-    if result.localization is not None:
-        loc = result.localization
-        _print_table(console, f"localisation on {loc['images']} validation images (higher = finds the object)",
-                             ["map", "kind", "pointing game", "energy in box"],
-                             [[k, v["kind"], f"{v['pointing']:.3f}", f"{v['energy']:.3f}"]
-                              for k, v in loc["scores"].items()])
-    else:
+    if result.localization is None:
         console.print("no boxes.csv at the data root: localisation not scored")
-    faith = result.faithfulness
-    _print_table(console, f"deletion curves on {faith['images']} validation images (lower AUC = more faithful)",
-                         ["map", "deletion AUC"], [[k, f"{v:.3f}"] for k, v in faith["auc"].items()])
+    cols = [c for c in COLUMNS if any(v[c.key] == v[c.key] for v in result.table.values())]
+    _print_table(console, "every map against every score (arrows: the better direction; see report.html)",
+                 ["map", "kind", *[f"{c.label} {'↑' if c.higher else '↓'}" for c in cols], "flags"],
+                 [[k, v["kind"], *["-" if v[c.key] != v[c.key] else f"{v[c.key]:.3f}" for c in cols],
+                   ", ".join(v["flags"]) or "-"] for k, v in result.table.items()])
     console.print(f"[green]report:[/] {result.files['report']}")
 
 
@@ -397,12 +407,14 @@ def compare(
                          [[r["run"], r["backbone"], r["attn"], ", ".join(r["sites"]) or "-", num(r["accuracy"]),
                            num(r["valid_loss"]), "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M",
                            num(r["time_per_epoch"], 1)] for r in rows])
-    scored = [r for r in rows if r["best_site"] or r["gradcam_pointing"] == r["gradcam_pointing"]]
-    if scored:
-        _print_table(console, "localisation (pointing game / energy in box; `attnzoo interpret` scores a run)",
-                             ["run", "best site", "pointing", "energy", "Grad-CAM pointing", "Grad-CAM energy"],
-                             [[r["run"], r["best_site"] or "-", num(r["pointing"]), num(r["energy"]),
-                               num(r["gradcam_pointing"]), num(r["gradcam_energy"])] for r in rows])
+    if any(r["best_site"] or r["best_cam"] for r in rows):
+        _print_table(console, "pointing game / energy in box of the best attention map and the best CAM "
+                              "(`attnzoo interpret` scores a run)",
+                     ["run", "best site", "pointing", "energy", "best CAM", "pointing", "energy", "random pointing",
+                      "flagged"],
+                     [[r["run"], r["best_site"] or "-", num(r["pointing"]), num(r["energy"]), r["best_cam"] or "-",
+                       num(r["cam_pointing"]), num(r["cam_energy"]), num(r["random_pointing"]),
+                       "; ".join(f"{k}: {', '.join(v)}" for k, v in r["flagged"].items()) or "-"] for r in rows])
     console.print(f"[green]chart:[/] {written}")
 
 
