@@ -292,3 +292,24 @@ def test_an_unknown_cam_method_is_one_line_and_exit_2(tmp_path, capsys):
     run_dir = make_run(tmp_path / "r", tmp_path / "gone", "lpa-pc")
     code, _, err = run_cli(capsys, "interpret", str(run_dir), "--cam", "gradcma")
     assert code == 2 and "did you mean 'gradcam'" in err
+
+
+def test_in_short_names_the_best_map_per_score_from_the_table_and_flags_inverted_maps():
+    from types import SimpleNamespace
+
+    from attnzoo.report import findings, score_table
+
+    loc = {"scores": {
+        "layer1": {"kind": "tap", "pointing": 0.003, "energy": 0.1},
+        "layer3": {"kind": "tap", "pointing": 0.71, "energy": 0.5},
+        "Grad-CAM at layer4": {"kind": "cam", "pointing": 0.73, "energy": 0.4},
+        "random": {"kind": "random", "pointing": 0.24, "energy": 0.24},
+        "chance": {"kind": "chance", "pointing": 0.237, "energy": 0.237},
+    }}
+    faith = {"auc": {"layer1": 0.74, "layer3": 0.30, "Grad-CAM at layer4": 0.35, "random": 0.39}}
+    result = SimpleNamespace(accuracy=0.9, n_images=300, table=score_table(loc, faith))
+    said = " ".join(findings(SimpleNamespace(classes=["a", "b", "c"]), result))
+    assert "<b>Grad-CAM at layer4</b> finds the object best by the pointing game: pointing game 0.730" in said
+    assert "<b>layer3</b> is the most faithful by deletion: deletion AUC 0.300, against 0.390" in said
+    assert "Inverted: <b>layer1</b>" in said and "Insensitive" not in said
+    assert result.table["layer1"]["flags"] == ["inverted"] and result.table["layer3"]["flags"] == []
