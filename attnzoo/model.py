@@ -1,11 +1,12 @@
 """Attention inserted at named layers of any timm backbone.
 
 ``create_model`` builds the timm model (pretrained weights included), then puts the attention
-module in without touching the backbone's modules or their state-dict keys:
+module in, the backbone's state-dict keys unchanged: each site's module is replaced in its parent by a
+``SiteModule`` that runs it and then what is inserted there (see ``SiteModule`` for why, and the cost):
 
-- a **gate** runs right after its site, through a forward hook that replaces the site's output;
-- a **readout** reads its taps (forward hooks that keep the tap outputs) and the backbone's pooled
-  pre-logits feature, and produces the logits in place of the backbone's classifier.
+- a **gate** runs right after its site and replaces the site's output;
+- a **readout** reads its taps (the ``SiteModule`` of a tap hands its output over during the forward)
+  and the backbone's pooled pre-logits feature, and produces the logits in place of the classifier.
 
 Sites are timm module names (``layer3``, ``features.32``, ``stages.2``, ``blocks.4``) or feature
 levels: an integer ``i`` is the i-th entry of the backbone's ``feature_info`` (negative counts from

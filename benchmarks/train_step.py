@@ -141,9 +141,6 @@ def main() -> None:
         # compile times from an empty inductor cache, not from whatever earlier runs left on this machine
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="attnzoo-inductor-"))
         torch._dynamo.config.cache_size_limit = 64
-        # attnzoo inserts gates with forward hooks, and dynamo skips guards on hooks by default: a gated model
-        # compiled after the plain one would silently run the plain model's graph, without its gate
-        torch._dynamo.config.skip_nnmodule_hook_guards = False
         if hasattr(torch._dynamo.config, "recompile_limit"):
             torch._dynamo.config.recompile_limit = 64
     gpu = torch.device(args.device).type == "cuda"
