@@ -219,7 +219,8 @@ def random_maps(n: int, size: Sequence[int], seed: int = 0) -> torch.Tensor:
 def score_maps(maps: Mapping[str, torch.Tensor | np.ndarray], boxes: Sequence[ImageBoxes | Box | None],
                image_size: Size, tolerance: float = 0.0, iou_threshold: float = 0.5) -> dict[str, dict[str, float]]:
     """Every localisation score of every map, averaged over the images that have boxes (``None`` entries are
-    skipped): ``{name: {pointing, pointing_tolerance, energy, iou, max_box_acc, max_box_acc_threshold, images}}``.
+    skipped): ``{name: {pointing, pointing_tolerance, energy, iou, max_box_acc, max_box_acc_threshold, flat,
+    images}}``, ``flat`` the share of constant maps (all zero, say), which point nowhere.
     ``maps[name]`` is ``[N, h, w]``, aligned with ``boxes``; a plain box is an ``ImageBoxes`` of one box."""
     keep = [i for i, b in enumerate(boxes) if b is not None]
     per = {i: b if isinstance(b, ImageBoxes) else ImageBoxes(tuple(_box_list(b))) for i, b in enumerate(boxes)
@@ -231,7 +232,7 @@ def score_maps(maps: Mapping[str, torch.Tensor | np.ndarray], boxes: Sequence[Im
             raise ValueError(f"maps[{name!r}] has {len(ms)} maps for {len(boxes)} images")
         if not keep:
             out[name] = dict(pointing=nan, pointing_tolerance=nan, energy=nan, iou=nan, max_box_acc=nan,
-                             max_box_acc_threshold=nan, images=0)
+                             max_box_acc_threshold=nan, flat=nan, images=0)
             continue
         ious = np.stack([box_ious(ms[i], per[i].boxes, image_size) for i in keep])
         acc, best = max_box_acc(ious)
@@ -241,7 +242,8 @@ def score_maps(maps: Mapping[str, torch.Tensor | np.ndarray], boxes: Sequence[Im
                                               for i in keep])),
             energy=float(np.mean([energy_in_box(ms[i], per[i].boxes, image_size) for i in keep])),
             iou=float(np.mean([mask_iou(ms[i], per[i].boxes, image_size, iou_threshold) for i in keep])),
-            max_box_acc=acc, max_box_acc_threshold=float(THRESHOLDS[best]), images=len(keep),
+            max_box_acc=acc, max_box_acc_threshold=float(THRESHOLDS[best]),
+            flat=float(np.mean([float(np.ptp(_as_map(ms[i]))) == 0 for i in keep])), images=len(keep),
         )
     return out
 
@@ -276,12 +278,15 @@ def rank_correlation(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray)
 
 def flags(score: Mapping[str, float], chance_pointing: float, insensitive_at: float = 0.5,
           inverted_below: float = 0.5) -> list[str]:
-    """What is wrong with a map, from its scores: ``"inverted"`` when its pointing game is below
-    ``inverted_below`` times chance (it points away from the object), ``"insensitive"`` when its rank
+    """What is wrong with a map, from its scores: ``"flat"`` when at least half of its maps are constant
+    (``score["flat"]``: they point nowhere); else ``"inverted"`` when its pointing game is below
+    ``inverted_below`` times chance (it points away from the object); ``"insensitive"`` when its rank
     correlation with the randomised model's map (``score["sanity"]``) is at least ``insensitive_at``."""
     out = []
     pointing = score.get("pointing", math.nan)
-    if not math.isnan(pointing) and not math.isnan(chance_pointing) and pointing < inverted_below * chance_pointing:
+    if score.get("flat", 0.0) >= 0.5:
+        out.append("flat")
+    elif not math.isnan(pointing) and not math.isnan(chance_pointing) and pointing < inverted_below * chance_pointing:
         out.append("inverted")
     sanity = score.get("sanity", math.nan)
     if not math.isnan(sanity) and sanity >= insensitive_at:

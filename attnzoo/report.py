@@ -43,7 +43,7 @@ def _figure(path: Path | None, alt: str) -> str:
 
 def _fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
-        return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
+        return "n/a" if math.isnan(v) else f"{v + 0.0:.{digits}f}"
     return str(v)
 
 
@@ -62,7 +62,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
 th,td{border:1px solid #ddd;padding:.25em .7em;text-align:left} th{background:#f3f3f3}
 td:not(:first-child){font-variant-numeric:tabular-nums}
 figure{margin:.8em 0} img{max-width:100%;height:auto;border:1px solid #eee}
-table.scores th{font-weight:600} tr.baseline{color:#666;font-style:italic}
+table.scores th{font-weight:600} table.scores tbody th{white-space:nowrap} tr.baseline{color:#666;font-style:italic}
 .flag{background:#c62828;color:#fff;border-radius:3px;padding:0 .4em;margin-right:.3em;font-size:.85em}
 pre{background:#f6f8fa;padding:1em;overflow:auto;font-size:.85em} .muted{color:#777;font-size:.9em}
 """
@@ -108,6 +108,7 @@ def score_table(localization: Mapping[str, Any] | None, faithfulness: Mapping[st
     table: dict[str, dict[str, Any]] = {}
     for name in names:
         row = {c.key: float(loc.get(name, {}).get(c.key, math.nan)) for c in COLUMNS}
+        row["flat"] = float(loc.get(name, {}).get("flat", math.nan))
         row.update({key: float(values.get(name, math.nan)) for key, values in sources.items()})
         row["kind"] = kinds.get(name) or "attention"
         row["flags"] = [] if name in BASELINES else flags(row, chance, insensitive_at, inverted_below)
@@ -143,19 +144,17 @@ def findings(run: Run, result: Interpretation) -> list[str]:
     table = result.table
     best = best_per_column(table)
     random_row = table.get("random", {})
-    for key, verb in (("pointing", "finds the object best by the pointing game"),
-                      ("max_box_acc", "boxes the object best (MaxBoxAcc)"),
-                      ("deletion", "is the most faithful by deletion"),
-                      ("insertion", "is the most faithful by insertion"), ("road", "is the most faithful by ROAD")):
+    for key in ("pointing", "energy", "max_box_acc", "deletion", "insertion", "road"):
         if key not in best:
             continue
         col = next(c for c in COLUMNS if c.key == key)
         name, value, ref = best[key], table[best[key]][key], random_row.get(key, math.nan)
-        versus = f", against {ref:.3f} for a random map" if not math.isnan(ref) else ""
+        versus = f"; random map {ref + 0.0:.3f}" if not math.isnan(ref) else ""
         if math.isnan(ref) or _beats(value, ref, col.higher):
-            out.append(f"{_names([name])} {verb}: {col.label} {value:.3f}{versus}.")
+            out.append(f"Best {col.label} ({'higher' if col.higher else 'lower'} is better): {_names([name])}, "
+                       f"{value + 0.0:.3f}{versus}.")
         else:
-            out.append(f"No map beats the random map on {col.label} (best: {html.escape(name)} {value:.3f}"
+            out.append(f"No map beats the random map on {col.label} (best: {html.escape(name)} {value + 0.0:.3f}"
                        f"{versus}).")
     inverted = [k for k, r in table.items() if "inverted" in r["flags"]]
     if inverted:
@@ -163,6 +162,10 @@ def findings(run: Run, result: Interpretation) -> list[str]:
         out.append(f"Inverted: {_names(inverted)} {'peaks' if len(inverted) == 1 else 'peak'} on the object "
                    f"less than half as often as a map that knows nothing would ({base:.3f}): "
                    "they mark the background.")
+    flat = [k for k, r in table.items() if "flat" in r["flags"]]
+    if flat:
+        out.append(f"Flat: {_names(flat)} {'is' if len(flat) == 1 else 'are'} constant (all zero, say) on most "
+                   "images, so it points nowhere; its scores say nothing about where the model looks.")
     insensitive = [k for k, r in table.items() if "insensitive" in r["flags"]]
     if insensitive:
         out.append(f"Insensitive: {_names(insensitive)} barely change when the model's weights are "
@@ -277,7 +280,8 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
         "weight of the model is re-initialised; a map that explains the model changes (low correlation).</p>",
         "<p>CAMs are computed for the true class. Arrows give the better direction; the best map per column is "
         "in bold. <i>random</i> is a seeded noise map scored the same way; <i>chance</i> is what a map that "
-        "knows nothing scores on average. Flags: <i>inverted</i>, a pointing game below half of chance; "
+        "knows nothing scores on average. Flags: <i>flat</i>, a map constant on most images; <i>inverted</i>, a "
+        "pointing game below half of chance; "
         "<i>insensitive</i>, a rank correlation of 0.5 or more with the randomised model's map.</p>",
         score_table_html(result.table),
         _figure(files.get("localization"), "localisation scores"),

@@ -309,7 +309,8 @@ def test_in_short_names_the_best_map_per_score_from_the_table_and_flags_inverted
     faith = {"auc": {"layer1": 0.74, "layer3": 0.30, "Grad-CAM at layer4": 0.35, "random": 0.39}}
     result = SimpleNamespace(accuracy=0.9, n_images=300, table=score_table(loc, faith))
     said = " ".join(findings(SimpleNamespace(classes=["a", "b", "c"]), result))
-    assert "<b>Grad-CAM at layer4</b> finds the object best by the pointing game: pointing game 0.730" in said
-    assert "<b>layer3</b> is the most faithful by deletion: deletion AUC 0.300, against 0.390" in said
+    assert "Best pointing game (higher is better): <b>Grad-CAM at layer4</b>, 0.730; random map 0.240" in said
+    assert "Best energy in box (higher is better): <b>layer3</b>, 0.500" in said
+    assert "Best deletion AUC (lower is better): <b>layer3</b>, 0.300; random map 0.390" in said
     assert "Inverted: <b>layer1</b>" in said and "Insensitive" not in said
     assert result.table["layer1"]["flags"] == ["inverted"] and result.table["layer3"]["flags"] == []

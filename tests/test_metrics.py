@@ -97,7 +97,13 @@ def test_score_maps_gives_every_score_over_the_images_with_boxes():
     scores = score_maps({"site": m}, [ImageBoxes((BOX,)), ImageBoxes((BOX,)), None], SIZE, tolerance=15)["site"]
     assert scores["images"] == 2
     assert scores["pointing"] == 0.5 and scores["energy"] == 0.5 and scores["iou"] == 0.5
-    assert scores["max_box_acc"] == 0.5
+    assert scores["max_box_acc"] == 0.5 and scores["flat"] == 0.0  # the all-zero third map has no box
+
+
+def test_score_maps_counts_the_constant_maps_which_point_nowhere():
+    m = torch.zeros(2, 8, 8)
+    m[0, 1, 1] = 1.0
+    assert score_maps({"cam": m}, [ImageBoxes((BOX,))] * 2, SIZE)["cam"]["flat"] == 0.5
 
 
 def test_the_random_baseline_grows_with_the_tolerance():
@@ -125,6 +131,7 @@ def test_flags_name_inverted_and_insensitive_maps():
     assert flags({"pointing": 0.2, "sanity": 0.8}, chance_pointing=0.25) == ["insensitive"]
     assert flags({"pointing": 0.2, "sanity": 0.49}, chance_pointing=0.25) == []
     assert flags({"pointing": math.nan}, chance_pointing=0.25) == []
+    assert flags({"pointing": 0.0, "flat": 1.0}, chance_pointing=0.25) == ["flat"]  # points nowhere, not away
 
 
 def test_curve_auc_is_the_mean_height_of_the_curve():
