@@ -43,7 +43,7 @@ def _figure(path: Path | None, alt: str) -> str:
 
 def _fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
-        return "n/a" if math.isnan(v) else f"{v + 0.0:.{digits}f}"
+        return "n/a" if math.isnan(v) else f"{round(v, digits) + 0.0:.{digits}f}"
     return str(v)
 
 
@@ -62,7 +62,8 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
 th,td{border:1px solid #ddd;padding:.25em .7em;text-align:left} th{background:#f3f3f3}
 td:not(:first-child){font-variant-numeric:tabular-nums}
 figure{margin:.8em 0} img{max-width:100%;height:auto;border:1px solid #eee}
-table.scores th{font-weight:600} table.scores tbody th{white-space:nowrap} tr.baseline{color:#666;font-style:italic}
+.wide{overflow-x:auto} table.scores{font-size:.84em} table.scores th{font-weight:600}
+table.scores tbody th{white-space:nowrap} tr.baseline{color:#666;font-style:italic}
 .flag{background:#c62828;color:#fff;border-radius:3px;padding:0 .4em;margin-right:.3em;font-size:.85em}
 pre{background:#f6f8fa;padding:1em;overflow:auto;font-size:.85em} .muted{color:#777;font-size:.9em}
 """
@@ -87,7 +88,7 @@ COLUMNS = (
     Column("deletion", "deletion AUC", False, "true-class probability as top pixels are deleted"),
     Column("insertion", "insertion AUC", True, "true-class probability as top pixels are inserted"),
     Column("road", "ROAD", True, "remove-and-debias: (LeRF - MoRF) / 2 probability drop"),
-    Column("sanity", "rank corr. randomised", False, "Spearman correlation with the map of the re-initialised model"),
+    Column("sanity", "sanity ρ", False, "Spearman correlation with the map of the re-initialised model"),
 )
 BASELINES = ("random", "chance")
 
@@ -117,11 +118,12 @@ def score_table(localization: Mapping[str, Any] | None, faithfulness: Mapping[st
 
 
 def best_per_column(table: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
-    """``{score: the map that does best}`` among the maps (the baselines excluded), for measured scores."""
+    """``{score: the map that does best}`` among the maps (the baselines and flat maps excluded), for measured
+    scores."""
     out = {}
     for c in COLUMNS:
         values = [(name, row[c.key]) for name, row in table.items()
-                  if name not in BASELINES and not math.isnan(row[c.key])]
+                  if name not in BASELINES and "flat" not in row["flags"] and not math.isnan(row[c.key])]
         if values:
             out[c.key] = (max if c.higher else min)(values, key=lambda kv: kv[1])[0]
     return out
@@ -149,12 +151,12 @@ def findings(run: Run, result: Interpretation) -> list[str]:
             continue
         col = next(c for c in COLUMNS if c.key == key)
         name, value, ref = best[key], table[best[key]][key], random_row.get(key, math.nan)
-        versus = f"; random map {ref + 0.0:.3f}" if not math.isnan(ref) else ""
+        versus = f"; random map {_fmt(ref, 3)}" if not math.isnan(ref) else ""
         if math.isnan(ref) or _beats(value, ref, col.higher):
             out.append(f"Best {col.label} ({'higher' if col.higher else 'lower'} is better): {_names([name])}, "
-                       f"{value + 0.0:.3f}{versus}.")
+                       f"{_fmt(value, 3)}{versus}.")
         else:
-            out.append(f"No map beats the random map on {col.label} (best: {html.escape(name)} {value + 0.0:.3f}"
+            out.append(f"No map beats the random map on {col.label} (best: {html.escape(name)} {_fmt(value, 3)}"
                        f"{versus}).")
     inverted = [k for k, r in table.items() if "inverted" in r["flags"]]
     if inverted:
@@ -190,8 +192,9 @@ def score_table_html(table: Mapping[str, Mapping[str, Any]]) -> str:
         cls = ' class="baseline"' if name in BASELINES else ""
         body.append(f"<tr{cls}><th>{html.escape(name)}</th><td>{html.escape(str(row['kind']))}</td>"
                     + "".join(cells) + f"<td>{flagged}</td></tr>")
-    return (f'<table class="scores"><thead><tr><th>map</th><th>kind</th>{head}<th>flags</th></tr></thead>'
-            f"<tbody>{''.join(body)}</tbody></table>")
+    return ('<div class="wide"><table class="scores"><thead><tr><th>map</th><th>kind</th>'
+            f"{head}<th>flags</th></tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
 def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
@@ -277,7 +280,8 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
         f"{road.get('images', 0)} images) removes pixels by imputing them from their neighbours, so that the "
         "image stays natural; higher is more faithful. <b>Sanity check</b> (on "
         f"{sanity.get('images', 0)} images): the rank correlation of each map with the same map after every "
-        "weight of the model is re-initialised; a map that explains the model changes (low correlation).</p>",
+        "weight of the model is re-initialised (<i>sanity ρ</i>, Spearman); a map that explains the model changes "
+        "(low ρ).</p>",
         "<p>CAMs are computed for the true class. Arrows give the better direction; the best map per column is "
         "in bold. <i>random</i> is a seeded noise map scored the same way; <i>chance</i> is what a map that "
         "knows nothing scores on average. Flags: <i>flat</i>, a map constant on most images; <i>inverted</i>, a "

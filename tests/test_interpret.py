@@ -198,7 +198,7 @@ def test_report_html_is_one_self_contained_page(interpreted):
     assert 'src="http' not in page and "href=" not in page
     assert not re.search(r'src="(?!data:)', page)
     for words in ("test_resnet", "lpa-pc", "pointing game", "energy in box", "deletion AUC", "insertion AUC", "ROAD",
-                  "MaxBoxAcc", "rank corr. randomised", "Grad-CAM at layer3", "Most confused"):
+                  "MaxBoxAcc", "sanity ρ", "Grad-CAM at layer3", "Most confused"):
         assert words in page, words
 
 
