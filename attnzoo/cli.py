@@ -336,6 +336,7 @@ def interpret(
     = 16,
     sanity_images: Annotated[int, typer.Option(help="Images for the sanity check (0: skip).")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print every score as JSON.")] = False,
+    threads: Threads = "auto",
 ) -> None:
     """Explain a trained RUN on its validation images: attention maps and CAMs side by side, and every map scored:
     localisation against boxes.csv, deletion, insertion, ROAD, a sanity check; mistakes; one report.html."""
@@ -345,11 +346,13 @@ def interpret(
     from .interpret import interpret_run
     from .report import COLUMNS
     from .run import load_run
+    from .threads import use_threads
 
     for name, value in (("--n", n), ("--deletion-images", deletion_images)):
         if value < 1:
             raise AttnzooError(f"{name} must be at least 1, got {value}")
     cams = cam_methods(cam or ["gradcam"])
+    use_threads(threads)
     r = load_run(run)
     console = _console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
