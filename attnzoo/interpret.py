@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from . import localize, metrics, viz
+from . import localize, metrics, trust, viz
 from .errors import AttnzooError
 from .explain import (
     Progress,
@@ -81,6 +81,7 @@ def show_attention(run: Run, images: Sequence[str | Path], out: str | Path | Non
     images = existing_files(images)
     targets, fresh = per_image_outputs(images, out, Path(run.path or ".") / "attention")
     probs, maps = run.predict(images)
+    maps = trust.ordered(maps, run.config.get("maps"))  # the map that carries the decision first, labelled
     tops = run.top(probs, top)
     written = []
     for i, (p, target) in enumerate(zip(images, targets)):
@@ -247,6 +248,7 @@ def attention_rows(run: Run, paths: Sequence[str | Path], labels: Sequence[str],
     """Paper-Figure-3 grid for ``paths``: image, then every site's map (and the ``cams`` for the predicted
     class); right/wrong marked. ``boxes`` (in model-input pixels) are outlined on the image."""
     probs, maps = run.predict(list(paths))
+    maps = trust.ordered(maps, run.config.get("maps"))  # the map that carries the decision first, labelled
     if cams:
         maps.update(_cams(run.model, load_batch(run, paths), probs.argmax(-1), cams, len(paths), _noop))
     top = run.top(probs, 1)

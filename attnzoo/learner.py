@@ -514,6 +514,11 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
     elif best:
         best = {**best, "weights": ck.BEST}
     config = {**config, "status": "done", "best": best, "distributed": training.summary()}
+    if distributed.is_main() and attn:
+        from . import trust
+
+        with distributed.alone():
+            config["maps"] = trust.from_learner(learn, info, img_size)  # which map carries the decision
     if distributed.is_main():
         with distributed.alone():  # fastai must not gather now: rank 0 finishes the run folder by itself
             try:
