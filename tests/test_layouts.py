@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -97,13 +96,14 @@ def test_swapping_two_classes_changes_the_fingerprint_not_the_counts(tmp_path):
 
 def test_resume_refuses_data_whose_classes_swapped(tmp_path):
     import attnzoo
+    from attnzoo.checkpoint import LAST, save_checkpoint
 
     data = make_folder(tmp_path / "data", n=4, size=16)
     run = attnzoo.fit("test_resnet", "none", str(data), pretrained=False, epochs=1, bs=4, img_size=32,
                       out=str(tmp_path / "run"))
     config = json.loads((run / "attnzoo.json").read_text())
     (run / "attnzoo.json").write_text(json.dumps({**config, "status": "interrupted"}))
-    shutil.copy(run / "checkpoints" / "best.safetensors", run / "checkpoints" / "last.safetensors")
+    save_checkpoint(run / LAST, None, attnzoo.load_run(run).model, {"epoch": 1})  # as if stopped after epoch 1
     red, blue = data / "train" / "red", data / "train" / "blue"
     red.rename(data / "swap")
     blue.rename(red)
