@@ -311,16 +311,25 @@ def fit(
         changed = {k: getattr(config, k) for k in RESUME_MAY_SET if k != "resume" and getattr(config, k) is not None}
         request = FitConfig.from_request(saved["request"], out=str(run_dir), **changed)
         if distributed.is_main():
+            folder.lock()  # not while another process trains in it: it would remove that one's temporaries
             folder.clean_temporaries()  # what a killed run left half-written
-        return _fit(request, folder=folder, resumed=saved, console=console, on_data=on_data,
-                    on_epoch_table=on_epoch_table)
+        try:
+            return _fit(request, folder=folder, resumed=saved, console=console, on_data=on_data,
+                        on_epoch_table=on_epoch_table)
+        finally:
+            folder.unlock()
     folder = _new_run_dir(config.backbone, config.attn, config.out, config.runs_dir)
     try:
+        if distributed.is_main():
+            folder.lock()
         return _fit(config, folder=folder, resumed=None, console=console, on_data=on_data,
                     on_epoch_table=on_epoch_table)
     except BaseException:
+        folder.unlock()
         folder.release()  # a run that stopped before writing its attnzoo.json leaves no folder behind
         raise
+    finally:
+        folder.unlock()
 
 
 def _new_run_dir(backbone: str, attn: str | None, out: str | None, runs_dir: str) -> RunFolder:

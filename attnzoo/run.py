@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +41,21 @@ WEIGHTS = "model.safetensors"
 HISTORY = "history.csv"
 SKIPPED = "skipped.txt"
 CLAIM = ".attnzoo-claim"  # exists only while a new run folder is claimed and its attnzoo.json not yet written
+TRAINING = ".attnzoo-training"  # "host pid" of the process training in the folder, while it does
 FORMAT_VERSION = 1
 # temporary files in a run folder: attnzoo's ".NAME.XXXXXXXX.tmp" (the shape tempfile.mkstemp gave them before
 # too), and ".tmpXXXXXX", where safetensors writes a file before renaming it onto attnzoo's
 _TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|\.tmp[A-Za-z0-9]{6}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
@@ -228,6 +240,7 @@ class RunFolder:
         self.path = Path(path)
         self._claimed = False  # holding CLAIM: attnzoo.json is not written yet
         self._created = False  # this process made the folder
+        self._locked = False  # holding TRAINING
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -283,6 +296,36 @@ class RunFolder:
             return True
         except OSError as e:
             raise AttnzooError(f"cannot create the run folder {self.path}: {e.strerror or e}") from None
+
+    def lock(self) -> None:
+        """Only one process trains in a run folder at a time (a second ``--resume`` of a run, or one of a run still
+        training, is refused): ``TRAINING`` holds this host and pid while it trains. A lock left by a process of
+        this host that is gone (killed) is stale and taken over; one from another host is trusted."""
+        me = f"{socket.gethostname()} {os.getpid()}"
+        lock = self.path / TRAINING
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                host, pid = ([*lock.read_text(errors="replace").split(), "?", "0"])[:2]
+                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                    lock.unlink(missing_ok=True)  # its process is gone: a killed run's lock
+                    continue
+                raise AttnzooError(f"another attnzoo fit (pid {pid} on {host}) is training in {self.path}; wait for "
+                                   f"it to end (if none is running, delete {lock})") from None
+            except OSError as e:
+                raise AttnzooError(f"cannot write in the run folder {self.path}: {e.strerror or e}") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self._locked = True
+            return
+        raise AttnzooError(f"cannot take {lock}: another process keeps taking it")
+
+    def unlock(self) -> None:
+        """Training in this folder has ended (done, failed or interrupted)."""
+        if self._locked:
+            self._locked = False
+            (self.path / TRAINING).unlink(missing_ok=True)
 
     def release(self) -> None:
         """Give up a claim whose run never wrote its ``attnzoo.json`` (it failed first): the claim goes, and the

@@ -132,3 +132,40 @@ def test_compare_reads_runs_against_the_same_schema(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "classes": "abc"}))
     with pytest.raises(AttnzooError, match="attnzoo.json: classes: input should be a valid list"):
         compare_runs([tmp_path / "r"])
+
+
+def test_one_process_trains_in_a_run_folder_at_a_time(tmp_path):
+    import socket
+
+    from attnzoo.run import TRAINING
+
+    folder = RunFolder(tmp_path)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / TRAINING).write_text(f"{socket.gethostname()} {sleeper.pid}")
+        with pytest.raises(AttnzooError, match=f"pid {sleeper.pid}"):
+            folder.lock()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    folder.lock()  # its process is gone: a stale lock is taken over
+    assert (tmp_path / TRAINING).read_text().split()[1] == str(os.getpid())
+    folder.unlock()
+    assert not (tmp_path / TRAINING).exists()
+
+
+def test_resume_of_a_run_another_process_trains_is_refused_and_touches_nothing(tiny_run, tmp_path):
+    import shutil
+    import socket
+
+    from attnzoo.run import TRAINING
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    config = json.loads((run / "attnzoo.json").read_text())
+    (run / "attnzoo.json").write_text(json.dumps({**config, "status": "training"}))
+    stale = run / ".model.safetensors.0123abcd.tmp"  # the other process's file being written
+    stale.write_bytes(b"x")
+    (run / TRAINING).write_text(f"{socket.gethostname()} {os.getppid()}")  # a live process
+    with pytest.raises(AttnzooError, match="is training in"):
+        fit(resume=str(run))
+    assert stale.exists() and (run / TRAINING).exists()
