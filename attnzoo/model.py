@@ -8,20 +8,17 @@ module in, the backbone's state-dict keys unchanged: each site's module is repla
 - a **readout** reads its taps (the ``SiteModule`` of a tap hands its output over during the forward)
   and the backbone's pooled pre-logits feature, and produces the logits in place of the classifier.
 
-Sites are timm module names (``layer3``, ``features.32``, ``stages.2``, ``blocks.4``) or feature
-levels: an integer ``i`` is the i-th entry of the backbone's ``feature_info`` (negative counts from
-the end; ``-1`` is the final level). Feature maps are NCHW; ViT-style token backbones are supported
-by reshaping the patch tokens to their grid (prefix tokens such as the class token pass through
-untouched). Backbones whose stages emit NHWC maps (e.g. Swin) are not supported yet.
+Sites are timm module names (``layer3``, ``features.32``, ``stages.2``, ``blocks.4``, ``module[i]`` for an
+element of a tuple output) or feature levels: an integer ``i`` is the i-th feature level (timm's
+``feature_info``; negative counts from the end; ``-1`` is the final level). Each site knows its layout
+(NCHW, NHWC, or tokens on a grid: see ``attnzoo.sites``); a gate sees NCHW whatever the layout, and its
+output is put back in the site's layout; maps are ``[B, h, w]`` on the site's grid.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -32,141 +29,12 @@ from . import hub
 from .errors import AttnzooError, PretrainedUnavailable, SiteError, UnknownNameError
 from .maps import MapRecorder, as_spatial
 from .registry import AttentionSpec, get_attention, parse_options, site_kwargs
+from .sites import BackboneInfo, Site, check_backbone, from_map, timm_model, to_map
+from .sites import introspect as _introspect
 
 log = logging.getLogger("attnzoo")
 
 READOUT_KEY = "readout"
-
-
-@dataclass(frozen=True)
-class Site:
-    """A place in a backbone where attention can go: a module whose output is one feature map."""
-
-    name: str
-    channels: int
-    stride: int
-    size: tuple[int, int]
-    fmt: str  # "NCHW" or "NLC" (tokens, reshaped to the grid)
-    depth: int  # number of dots + 1 in the name
-    level: int | None  # index in timm's feature_info, if it is a feature level
-    default_tap: bool  # one of the default taps of a readout
-    default_gate: bool  # the default site of a gate
-    prefix_tokens: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class BackboneInfo:
-    name: str
-    img_size: int
-    sites: tuple[Site, ...]
-    global_channels: int  # width of the pooled pre-logits feature (g)
-    levels: tuple[str, ...]  # feature_info module names, in order
-    timm_kwargs: tuple[tuple[str, Any], ...] = ()  # what the backbone needs to run at img_size (img_size)
-
-    def site(self, name: str) -> Site:
-        for s in self.sites:
-            if s.name == name:
-                return s
-        raise KeyError(name)
-
-
-def check_backbone(name: str) -> None:
-    import timm
-
-    if not isinstance(name, str) or not timm.is_model(name):
-        raise UnknownNameError("backbone", str(name), timm.list_models())
-
-
-def _timm_model(name: str, **kwargs: Any) -> nn.Module:
-    import timm
-
-    check_backbone(name)
-    return timm.create_model(name, **kwargs)
-
-
-def _patch_grid(model: nn.Module, h: int, w: int) -> tuple[int, int] | None:
-    pe = getattr(model, "patch_embed", None)
-    ps = getattr(pe, "patch_size", None)
-    if ps is None:
-        return None
-    ph, pw = (ps, ps) if isinstance(ps, int) else tuple(ps)
-    return h // ph, w // pw
-
-
-@lru_cache(maxsize=32)
-def _introspect(name: str, img_size: int) -> BackboneInfo:
-    """One forward on the meta device: no memory, no weights, shapes of every module's output.
-
-    A backbone that cannot run at ``img_size`` as built (a ViT with a fixed 224 grid) is built with
-    ``img_size=img_size`` when its timm constructor takes it. Only then: a backbone that runs at any size
-    (``test_vit``, convnets) keeps its parameter shapes, so run folders trained before still load."""
-    try:
-        return _introspect_with(name, img_size, ())
-    except AttnzooError:
-        raise
-    except Exception as first:
-        try:
-            return _introspect_with(name, img_size, (("img_size", img_size),))
-        except TypeError:  # the constructor takes no img_size: the first error is the one to show
-            raise first from None
-
-
-def _introspect_with(name: str, img_size: int, timm_kwargs: tuple[tuple[str, Any], ...]) -> BackboneInfo:
-    with torch.device("meta"):
-        model = _timm_model(name, pretrained=False, **dict(timm_kwargs))
-    model.eval()
-    shapes: dict[str, list[tuple[int, ...]]] = {}
-    order: list[str] = []
-
-    def hook(mod_name: str):
-        def fn(_m, _inp, out):
-            if mod_name not in shapes:
-                order.append(mod_name)
-            shapes.setdefault(mod_name, []).append(tuple(out.shape) if isinstance(out, torch.Tensor) else ())
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
-    x = torch.empty(1, 3, img_size, img_size, device="meta")
-    with torch.no_grad():
-        feats = model.forward_features(x)
-        for h in handles:
-            h.remove()
-        g = model.forward_head(feats, pre_logits=True)
-    if g.dim() != 2:
-        raise AttnzooError(f"backbone '{name}' has no pooled pre-logits feature (got shape {tuple(g.shape)})")
-    grid = _patch_grid(model, img_size, img_size)
-    levels = tuple(f["module"] for f in getattr(model, "feature_info", []) or [])
-    head_names = {n for n, _ in model.named_modules() if n.startswith(("head", "fc", "classifier", "pre_logits"))}
-    sites = []
-    for n in order:
-        outs = shapes[n]
-        if len(outs) != 1 or n in head_names:  # modules called twice (shared) or outside the body
-            continue
-        shape = outs[0]
-        if len(shape) == 4:
-            fmt, channels, size, prefix = "NCHW", shape[1], (shape[2], shape[3]), 0
-        elif len(shape) == 3 and grid is not None and shape[1] >= grid[0] * grid[1]:
-            fmt, channels, size, prefix = "NLC", shape[2], grid, shape[1] - grid[0] * grid[1]
-        else:
-            continue
-        stride = max(1, round(img_size / max(1, size[0])))
-        level = levels.index(n) if n in levels else None
-        sites.append(Site(n, channels, stride, size, fmt, n.count(".") + 1, level, False, False, prefix))
-    names = {s.name for s in sites}
-    usable = [lv for lv in levels if lv in names]
-    if not usable:
-        raise AttnzooError(f"backbone '{name}' has no feature levels attnzoo can use")
-    before_final = usable[:-1] or usable
-    taps = set(before_final[-3:])
-    gate = before_final[-1]
-    sites = [
-        Site(**{**s.to_dict(), "default_tap": s.name in taps, "default_gate": s.name == gate}) for s in sites
-    ]
-    return BackboneInfo(name, img_size, tuple(sites), g.shape[1], tuple(usable), timm_kwargs)
 
 
 def default_img_size(backbone: str) -> int:
@@ -205,6 +73,11 @@ def resolve_sites(info: BackboneInfo, at: str | int | Sequence[str | int] | None
                     f"({len(info.levels)} levels: {', '.join(info.levels)})"
                 )
             item = info.levels[i]
+        refused = dict(info.refused)
+        if item not in names and item in refused:
+            here = [s.name for s in info.sites if s.module == item]
+            raise SiteError(f"site '{item}' of '{info.name}' cannot take attention: {refused[item]}"
+                            + (f"; its sites: {', '.join(here)}" if here else ""))
         if item not in names:
             err = UnknownNameError(f"layer of '{info.name}'", item, names)
             coarse = [s.name for s in info.sites if s.depth <= 1 or s.level is not None]
@@ -215,31 +88,12 @@ def resolve_sites(info: BackboneInfo, at: str | int | Sequence[str | int] | None
             )
         if item in out:
             raise AttnzooError(f"site '{item}' is given twice")
+        shared = [o for o in out if info.site(o).module == info.site(item).module]
+        if shared:
+            raise AttnzooError(f"sites '{shared[0]}' and '{item}' are two outputs of one module "
+                               f"'{info.site(item).module}': attnzoo inserts at one of them")
         out.append(item)
     return out
-
-
-def to_map(site: Site, out: torch.Tensor) -> torch.Tensor:
-    """A site's output as a feature map ``[B, C, h, w]``: NCHW as it is, ViT tokens (prefix tokens dropped)
-    on their grid. The grid is the site's built size, or a square one for another number of patches."""
-    if site.fmt == "NCHW":
-        return out
-    n = out.shape[1] - site.prefix_tokens
-    h, w = site.size
-    if h * w != n:
-        side = math.isqrt(n)
-        if side * side != n:
-            raise SiteError(f"site '{site.name}' has {n} patch tokens, which is not the {h}x{w} grid it was built "
-                            f"for nor a square one: build the model for the image size you feed it")
-        h = w = side
-    return out[:, site.prefix_tokens:].transpose(1, 2).unflatten(2, (h, w))
-
-
-def from_map(site: Site, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``to_map``: a gated map back into the site's output format (prefix tokens untouched)."""
-    if site.fmt == "NCHW":
-        return m
-    return torch.cat([out[:, : site.prefix_tokens], m.flatten(2).transpose(1, 2)], 1)
 
 
 def _named(where: str, fn: Any, *args: Any) -> Any:
@@ -302,11 +156,11 @@ class SiteModule(nn.Module):
         self.register_state_dict_post_hook(_timm_keys)
         self.register_load_state_dict_pre_hook(_internal_keys)
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.after(self.inner(*args, **kwargs))
 
-    def after(self, out: torch.Tensor) -> torch.Tensor:
-        """What runs after the site's module: the gate (on the map, back to the site's format) or the tap."""
+    def after(self, out: Any) -> Any:
+        """What runs after the site's module: the gate (on the map, back to the site's layout) or the tap."""
         x = to_map(self.site, out)
         if self.taps is not None:
             if self.taps.current is not None:
@@ -404,12 +258,13 @@ class AttentionModel(nn.Module):
         named = dict(backbone.named_modules())
         for i, site in enumerate(sites):
             where = f"attention '{self.attn}' at site '{site}'"
+            module = self.site_info[site].module
             if spec is not None and spec.kind == "gate":
                 self.gates[_key(site)] = modules[i]
-                wrapped = SiteModule(named[site], self.site_info[site], where, gate=modules[i])
+                wrapped = SiteModule(named[module], self.site_info[site], where, gate=modules[i])
             else:
-                wrapped = SiteModule(named[site], self.site_info[site], where, taps=self._taps)
-            _replace(backbone, site, wrapped)
+                wrapped = SiteModule(named[module], self.site_info[site], where, taps=self._taps)
+            _replace(backbone, module, wrapped)
         if spec is not None and spec.kind == "readout":
             self.readout = modules
         self.num_classes = getattr(backbone, "num_classes", 0) if num_classes is None else num_classes
@@ -539,7 +394,7 @@ def _build_backbone(backbone: str, num_classes: int, pretrained: bool, pretraine
     offline = hub.unreachable() if pretrained and pretrained_file is None else None  # seconds, not a minute
     try:
         with hub.offline(offline is not None):
-            return _timm_model(backbone, pretrained=pretrained, **kwargs)
+            return timm_model(backbone, pretrained=pretrained, **kwargs)
     except UnknownNameError:
         raise
     except RuntimeError as e:
