@@ -274,7 +274,10 @@ def layers(
     all_sites: Annotated[bool, typer.Option("--all", help="Every site, not only blocks and feature levels.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Insertable sites of BACKBONE: channels, stride, map size; default taps and gate site marked."""
+    """Insertable sites of BACKBONE: channels, stride, map size, layout; default taps and gate site marked.
+
+    Layout: NCHW, NHWC (channels last), or NLC tokens on the map's grid (+N prefix tokens such as the class
+    token; 'unrolled': in the model's own token order). A gate sees NCHW whatever the layout."""
     from .model import layers as get_layers
 
     sites = get_layers(backbone, img_size, all=all_sites)
@@ -285,9 +288,9 @@ def layers(
     for s in sites:
         marks = ", ".join(m for m, on in (("tap", s.default_tap), ("gate", s.default_gate)) if on)
         level = "" if s.level is None else str(s.level)
-        rows.append([s.name, s.channels, s.stride, f"{s.size[0]}x{s.size[1]}", s.fmt, level, marks])
+        rows.append([s.name, s.channels, s.stride, f"{s.size[0]}x{s.size[1]}", s.layout, level, marks])
     _print_table(_console(), f"{backbone}: sites ({'all' if all_sites else 'blocks and feature levels'})",
-                            ["site", "channels", "stride", "map", "format", "level", "default"], rows)
+                            ["site", "channels", "stride", "map", "layout", "level", "default"], rows)
 
 
 @app.command()

@@ -88,6 +88,10 @@ def resolve_sites(info: BackboneInfo, at: str | int | Sequence[str | int] | None
             )
         if item in out:
             raise AttnzooError(f"site '{item}' is given twice")
+        if kind == "gate" and not info.site(item).reaches_logits:
+            raise SiteError(f"site '{item}' of '{info.name}' is a side output that does not reach the logits "
+                            f"(timm keeps it for forward_intermediates): a gate there would change nothing; "
+                            f"a readout can read it")
         shared = [o for o in out if info.site(o).module == info.site(item).module]
         if shared:
             raise AttnzooError(f"sites '{shared[0]}' and '{item}' are two outputs of one module "

@@ -58,6 +58,7 @@ class Site:
     prefix_tokens: int = 0  # NLC: tokens before the grid's (class, register tokens)
     item: int | None = None  # the element of a tuple/list output that is the feature map
     order: tuple[int, ...] | None = field(default=None, repr=False)  # NLC: token index at each raster cell
+    reaches_logits: bool = True  # False: a side output nothing downstream reads (a gate there changes nothing)
 
     @property
     def module(self) -> str:
@@ -213,7 +214,7 @@ class _Reader:
                 if len(out) == 4 and self.declared == "NCHW" and out[0] == PROBE_BATCH:
                     return dict(fmt="NCHW", channels=out[1], size=(out[2], out[3]))  # timm's default layout
                 return why
-            found, why = _decided(self, found, why)
+            found, why = _decided(self, found, why, name)
             return found[0] if found else why
         if out is None:
             return "its output is not a tensor"
@@ -303,7 +304,9 @@ def _introspect_with(name: str, img_size: int, timm_kwargs: tuple[tuple[str, Any
         else:
             sites.append(_site({**r, "name": n, "module": n}, img_size, None))
     level_names = tuple(s["name"] for s in found)
-    taps, gate = _defaults(found)
+    dead = _side_outputs(model, sites, img_size)
+    sites = [replace(s, reaches_logits=s.name not in dead) for s in sites]
+    taps, gate = _defaults(found, dead)
     sites = [replace(s, default_tap=s.name in taps, default_gate=s.name == gate) for s in sites]
     return BackboneInfo(name, img_size, tuple(sites), g.shape[1], level_names, timm_kwargs,
                         tuple(sorted(refused.items())))
@@ -387,12 +390,12 @@ def _read_level(name: str, out: Output | str, lv: _Level, reader: _Reader) -> di
     if isinstance(out, str) or out is None:
         return out or "its output is not a tensor"
     if _is_shape(out):
-        found, why = _decided(reader, *reader.readings(name, out, lv.channels, lv.grids))
+        found, why = _decided(reader, *reader.readings(name, out, lv.channels, lv.grids), name)
         return {**found[0], "name": name, "module": name} if found else why
     hits = []
     for i, shape in enumerate(out):
         if shape is not None:
-            found, _ = _decided(reader, *reader.readings(name, shape, lv.channels, lv.grids))
+            found, _ = _decided(reader, *reader.readings(name, shape, lv.channels, lv.grids), name)
             if found:
                 hits.append({**found[0], "name": f"{name}[{i}]", "module": name, "item": i})
     if len(hits) == 1:
@@ -400,11 +403,25 @@ def _read_level(name: str, out: Output | str, lv: _Level, reader: _Reader) -> di
     return f"{len(hits) or 'none'} of the elements of its output {out} are the level's map"
 
 
-def _decided(reader: _Reader, found: list[dict[str, Any]], why: str) -> tuple[list[dict[str, Any]], str]:
+def _op_layout(module: nn.Module) -> str | None:
+    """The layout a module's own op fixes for a 4D output: a conv or a batch norm works on NCHW, a linear
+    layer or a layer norm on the last dimension (NHWC); timm's LayerNorm2d normalises NCHW channels."""
+    from timm.layers import LayerNorm2d
+
+    if isinstance(module, (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, LayerNorm2d)):
+        return "NCHW"
+    if isinstance(module, (nn.Linear, nn.LayerNorm)):
+        return "NHWC"
+    return None
+
+
+def _decided(reader: _Reader, found: list[dict[str, Any]], why: str,
+             name: str = "") -> tuple[list[dict[str, Any]], str]:
     """One reading, or none and why: two (a map whose channels equal its height and width) are decided by the
-    model's declared layout."""
+    op of the module (a conv: NCHW, a linear layer: NHWC), else by the model's declared layout."""
     if len(found) > 1:
-        declared = [r for r in found if r["fmt"] == reader.declared]
+        own = _op_layout(reader.model.get_submodule(name)) if name else None
+        declared = [r for r in found if r["fmt"] == (own or reader.declared)]
         if len(declared) != 1:
             return [], f"it reads as {' or '.join(r['fmt'] for r in found)} and the model declares no layout"
         found = declared
@@ -418,16 +435,47 @@ def _site(r: dict[str, Any], img_size: int, level: int | None) -> Site:
                 r.get("prefix_tokens", 0), r.get("item"), r.get("order"))
 
 
-def _defaults(found: list[dict[str, Any]]) -> tuple[set[str], str]:
+def _side_outputs(model: nn.Module, sites: list[Site], img_size: int) -> set[str]:
+    """The sites whose output does not reach the logits (an output timm keeps for ``forward_intermediates``
+    only, as EfficientViM's stage maps): a gate there would change nothing. Found with a backward pass on the
+    meta device, each site's map scaled by a probe; where that cannot run, no site is called one."""
+    modules = dict(model.named_modules())
+    probes = {s.name: torch.ones((), device="meta", requires_grad=True) for s in sites}
+
+    def scale(site: Site):
+        def hook(_m, _inp, out):
+            if site.item is None:
+                return out * probes[site.name]
+            items = list(out)
+            items[site.item] = items[site.item] * probes[site.name]
+            return type(out)(items)
+
+        return hook
+
+    handles = [modules[s.module].register_forward_hook(scale(s)) for s in sites]
+    try:
+        with torch.device("meta"):
+            logits = model(torch.empty(PROBE_BATCH, 3, img_size, img_size))
+            grads = torch.autograd.grad(logits.sum(), list(probes.values()), allow_unused=True)
+    except Exception:  # (an op without a meta kernel, or one the scaling upsets): nothing is claimed
+        return set()
+    finally:
+        for h in handles:
+            h.remove()
+    return {name for name, grad in zip(probes, grads) if grad is None}
+
+
+def _defaults(found: list[dict[str, Any]], dead: set[str]) -> tuple[set[str], str]:
     """Default taps: the three levels before the final one (one per module, from the last); the default gate:
-    the level just before the final one."""
+    the level just before the final one whose output reaches the logits (else the final one)."""
     before_final = found[:-1] or found
     taps, modules = [], set()
     for s in reversed(before_final):
         if s["module"] not in modules and len(taps) < 3:
             taps.append(s["name"])
             modules.add(s["module"])
-    return set(taps), before_final[-1]["name"]
+    live = [s["name"] for s in before_final if s["name"] not in dead] or [s["name"] for s in found[-1:]]
+    return set(taps), live[-1]
 
 
 def to_map(site: Site, out: Any) -> torch.Tensor:

@@ -3,9 +3,9 @@ sites, built, a forward and a backward; the maps must be [B, h, w] on each site'
 
 A family is the module a timm model is defined in (``timm.list_modules()``); its cheapest model is the one with
 the fewest parameters, counted on the meta device (no memory, no weights). Each model runs at ``--img-size`` when
-it can (ViTs with a fixed grid are built for it), else at its own default input size. A model over
-``--max-params`` is skipped, and one taking longer than ``--timeout`` seconds is stopped; both are said so.
-The ``levels`` column compares each feature level's map, as attnzoo reads it, with timm's own
+it can (ViTs with a fixed grid are built for it), else at 112 (patches of 14 px), else at its own default
+size. A model over ``--max-params`` is skipped, and one taking longer than ``--timeout`` seconds is stopped;
+both are said so. The ``levels`` column compares each feature level's map, as attnzoo reads it, with timm's own
 ``forward_intermediates(output_fmt="NCHW")`` (equal / levels; a level may differ where timm normalises it).
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/backbones.py            # every family, minutes
@@ -132,7 +132,7 @@ def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(args.timeout)
     try:
-        for size in dict.fromkeys([args.img_size, default_img_size(name)]):
+        for size in dict.fromkeys([args.img_size, 112, default_img_size(name)]):  # 112: patches of 14 and 16
             row["img_size"] = size
             results = {}
             for key, attn in (("gate", GATE), ("readout", READOUT)):

@@ -122,3 +122,22 @@ def test_hiera_tokens_are_unrolled_back_onto_their_grid():
     levels = [s for s in attnzoo.layers("attnzoo_tiny_hiera", IMG) if s.level is not None]
     assert site.order is None and all(s.order is not None for s in levels)
     assert sorted(levels[0].order) == list(range(16 * 16)) and levels[0].order != tuple(range(16 * 16))
+
+
+def test_attnzoo_layers_shows_each_sites_layout(capsys):
+    from attnzoo.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["layers", "attnzoo_tiny_swin", "--img-size", str(IMG)])
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]  # a pipe: tab-separated rows
+    assert exit_info.value.code == 0
+    by_site = {r[0]: r for r in rows if len(r) > 4}
+    assert by_site["site"][4] == "layout"
+    assert by_site["layers.2"][3:5] == ["4x4", "NHWC"] and by_site["patch_embed.proj"][4] == "NCHW"
+
+
+def test_a_gate_is_refused_at_a_side_output_that_does_not_reach_the_logits():
+    sites = {s.name: s for s in attnzoo.layers("efficientvim_m1")}  # stage maps kept for forward_intermediates
+    assert not sites["stages.1[0]"].reaches_logits and not sites["stages.1[0]"].default_gate
+    with pytest.raises(SiteError, match="'stages.1\\[0\\]'.*does not reach the logits"):
+        attnzoo.create_model("efficientvim_m1", "softmask-sigmoid", at="stages.1[0]")
