@@ -85,7 +85,7 @@ class FitConfig:
     at: Any = None
     attn_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 5
-    lr: float | str = 1e-3
+    lr: float | str = 1e-2  # with Adam's one-cycle, from scratch and fine-tuning alike: README "Defaults that learn"
     bs: int = 32
     img_size: int | None = None
     pretrained: bool = True

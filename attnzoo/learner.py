@@ -434,7 +434,7 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
         with distributed.alone():  # lr_find in each process by itself (it cannot run distributed) ...
             lr = suggest_lr(learn)
         lr = distributed.broadcast(lr)  # ... and rank 0's pick for all
-    lr = float(lr or 1e-3)
+    lr = float(lr)
 
     request = replace(settings, at=sites or None, attn_options=options, lr=lr, bs=bs).request()
     if not resume:
