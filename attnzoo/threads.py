@@ -1,31 +1,57 @@
 """How many CPU threads torch uses: the cores nobody else is using, never more.
 
 torch starts one OpenMP thread per core. On a machine shared with other jobs an OpenMP barrier waits for a
-thread the kernel has descheduled, and a parallel op stalls: on the 2-core development machine with one
-other busy process, two threads ran a training step 2.3x slower than one (``benchmarks/threads.py``). So
-``"auto"`` takes the cores that are idle when the command starts (the CPUs this process may use less the
-1-minute load average, at least 1), and less one per DataLoader worker process, which runs on a core of its
-own. This file does not import torch until a count is applied.
+thread the kernel has descheduled, and every parallel op stalls: on the 2-core development machine, with one
+other busy process, two threads ran a training step 3.4x slower than one; on the quiet machine two threads were
+1.9x faster than one (``benchmarks/threads.py``). So ``"auto"`` takes the cores that are idle when the command
+starts, less one per DataLoader worker process (each runs on a core of its own). Idle is measured, not
+inferred from the 1-minute load average, which still counts a job that ended a minute ago: the CPU time the
+kernel reports (``/proc/stat``) over a quarter of a second; elsewhere the load average. This file does not
+import torch until a count is applied.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 from .config import cpu_budget
 from .errors import AttnzooError
 
 AUTO = "auto"
+SAMPLE_SECONDS = 0.25
+
+
+def _busy_cores(seconds: float = SAMPLE_SECONDS) -> float | None:
+    """Cores busy over ``seconds``, from the kernel's CPU time counters; None where there are none."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle  # user..steal; guest time is already in user
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
 
 
 def idle_cores() -> int:
-    """CPUs this process may use that the load average says are idle now (at least 1)."""
+    """CPUs this process may use that nobody is using now (at least 1)."""
     cpus = cpu_budget()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average on this system: assume a quiet machine
-        load = 0.0
-    return max(1, min(cpus, cpus - round(load)))
+    busy = _busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):  # neither: assume a quiet machine
+            busy = 0.0
+    return max(1, min(cpus, cpus - round(busy)))
 
 
 def check_threads(threads: int | str | None) -> int | str | None:

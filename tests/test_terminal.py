@@ -61,16 +61,28 @@ def test_fit_prints_one_epoch_table_and_a_next_step_that_runs(tiny_folder, tmp_p
 def test_auto_threads_take_the_idle_cores(monkeypatch):
     import torch
 
+    from attnzoo import threads
+
     before = torch.get_num_threads()
     try:
-        monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+        monkeypatch.setattr(threads, "_busy_cores", lambda: 64.0)
         assert idle_cores() == 1 and use_threads("auto") == 1 and torch.get_num_threads() == 1
-        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        monkeypatch.setattr(threads, "_busy_cores", lambda: 0.0)
         assert idle_cores() == len(os.sched_getaffinity(0))
         assert use_threads("auto", workers=1) == max(1, idle_cores() - 1)  # a DataLoader worker has a core
         assert use_threads(None) is None and torch.get_num_threads() == max(1, idle_cores() - 1)
+        monkeypatch.setattr(threads, "_busy_cores", lambda: None)  # no /proc/stat: the load average
+        monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+        assert idle_cores() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_busy_cores_are_measured_from_the_kernels_counters():
+    from attnzoo.threads import _busy_cores
+
+    busy = _busy_cores(0.05)
+    assert busy is None or 0.0 <= busy <= os.cpu_count()
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "many", "100000"])
