@@ -543,6 +543,8 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
             (run_dir / ck.LAST).unlink(missing_ok=True)  # the finished model is model.safetensors
             if best.get("weights") == WEIGHTS:  # never the same weights twice in a run folder
                 (run_dir / ck.BEST).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (run_dir / ck.LAST).parent.rmdir()  # checkpoints/, when nothing is left in it
             run = Run(learn.model, list(info.classes), img_size, mean, std, config, run_dir)
             interpret.fit_plots(learn, run, run_dir, history.rows)
     distributed.barrier()  # every process returns once the run folder is complete

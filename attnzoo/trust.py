@@ -96,16 +96,14 @@ def verdicts(shares: Mapping[str, Mapping[str, float]], maps: Mapping[str, torch
 
 
 def label(site: str, verdict: Mapping[str, Any] | None) -> str:
-    """A map's panel title: its site, its share of the decision and what is wrong with it."""
+    """A map's panel title, short enough for a figure's column: its site, its share of the decision, and
+    ``INVERTED`` (it points away from the object) or ``flat`` (it points nowhere) when so."""
     if not verdict:
         return site
-    text = f"{site}: {verdict['share']:.0%} of the decision"
     flags = verdict.get("flags") or []
     if "inverted" in flags:
-        text += f" · INVERTED, avoids the object (points {verdict['pointing']:.2f}, random {verdict['chance']:.2f})"
-    elif "flat" in flags:
-        text += " · flat"
-    return text
+        return f"{site} · INVERTED · {verdict['share']:.0%}"
+    return f"{site} · decides {verdict['share']:.0%}" + (" · flat" if "flat" in flags else "")
 
 
 def ordered(maps: Mapping[str, Any], recorded: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
