@@ -51,8 +51,9 @@ def _main(
     _state["debug"] = debug
 
 
-def _print_table(console: Any, title: str, columns: list[str], rows: list[list[Any]], whole: int = 1) -> None:
-    """A rich table on a terminal, whose first ``whole`` columns (names, sites, paths) never wrap mid-word;
+def _print_table(console: Any, title: str, columns: list[str], rows: list[list[Any]],
+                 whole: tuple[str, ...] = ()) -> None:
+    """A rich table on a terminal, whose first column and the ``whole`` ones (names, sites) never wrap mid-word;
     plain tab-separated lines (the title as a ``#`` line) when the output is a pipe or a file, so that
     ``attnzoo list | grep NAME`` sees every name whole. Cells are rich markup."""
     from rich import box
@@ -69,7 +70,7 @@ def _print_table(console: Any, title: str, columns: list[str], rows: list[list[A
     table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
                   min_width=min(len(Text.from_markup(title).plain), console.width))  # a narrow table folds its title
     for i, c in enumerate(columns):
-        table.add_column(c, no_wrap=i < whole, overflow="fold")
+        table.add_column(c, no_wrap=i == 0 or c in whole, overflow="fold")
     for r in rows:
         table.add_row(*[str(v) for v in r])
     console.print(table)
@@ -215,8 +216,10 @@ def show_attention(
     r = load_run(run_dir)
     written = show(r, images, out, top)
     cols = ["image", *(f"#{k + 1}" for k in range(len(written[0][1]))), "written"]
-    rows = [[str(p), *(f"{c} {pr:.1%}" for c, pr in t), str(target)] for p, t, target in written]
-    _print_table(_console(), f"predictions ({r.path})", cols, rows)
+    rows = [[p.name, *(f"{c} {pr:.1%}" for c, pr in t), target.name] for p, t, target in written]
+    folders = sorted({str(target.parent) for _, _, target in written})
+    _print_table(_console(), f"predictions of {r.path}, figures in {', '.join(folders)}", cols, rows,
+                 whole=("written",))
 
 
 @app.command()
@@ -261,7 +264,7 @@ def list_modules(
     rows = [[escape(str(v)) for v in (s.name, s.kind, s.source, s.summary,
                                       "\n".join(o.describe() for o in s.options.values()) or "-")]
             for s in specs]
-    _print_table(console, "attention modules", ["name", "kind", "from", "summary", "options"], rows, whole=3)
+    _print_table(console, "attention modules", ["name", "kind", "from", "summary", "options"], rows, whole=("kind", "from"))
     for st in plugin_status():
         if st.status != "ok":
             console.print(f"[yellow]plugin {escape(st.dist)} {st.status}:[/] {escape(st.reason)}", soft_wrap=True)
