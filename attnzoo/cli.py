@@ -264,7 +264,8 @@ def list_modules(
     rows = [[escape(str(v)) for v in (s.name, s.kind, s.source, s.summary,
                                       "\n".join(o.describe() for o in s.options.values()) or "-")]
             for s in specs]
-    _print_table(console, "attention modules", ["name", "kind", "from", "summary", "options"], rows, whole=("kind", "from"))
+    _print_table(console, "attention modules", ["name", "kind", "from", "summary", "options"], rows,
+                 whole=("kind", "from"))
     for st in plugin_status():
         if st.status != "ok":
             console.print(f"[yellow]plugin {escape(st.dist)} {st.status}:[/] {escape(st.reason)}", soft_wrap=True)
