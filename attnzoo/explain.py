@@ -75,12 +75,18 @@ def _model(run_or_model: Run | nn.Module) -> nn.Module:
 
 
 def cam_layer(model: nn.Module, img_size: int | None = None) -> str:
-    """Where a CAM looks by default: the backbone's final feature level, or the last one with at least 2 x 2
+    """Where a CAM looks by default: for a readout, its deepest tap; else the backbone's final feature level, or
+    the last one with at least 2 x 2
     cells when the final one is a single cell at this image size (a 1 x 1 map cannot show where). For tokens
     (ViT), the final block's first norm, as pytorch-grad-cam's README does: a class-token head gives the
     block's own output no gradient at the patch tokens, so every CAM there would be zero."""
     if not isinstance(model, AttentionModel):
         raise TypeError("cam_layer needs an attnzoo model; for another module pass cam(..., layer=NAME)")
+    if model.readout is not None:
+        # a readout classifies from its taps; with LPA's softmax the global feature adds one constant to every
+        # score and cancels, so the final level reaches the logits only through rounding and a CAM there is
+        # noise (1e-17 on the quick-start run): the deepest tap is the last layer the decision reads
+        return model.sites[-1]
     sites = layers(model.backbone_name, img_size)
     levels = [s for s in sites if s.level is not None]
     last = ([s for s in levels if s.size[0] * s.size[1] > 1] or levels)[-1]

@@ -243,9 +243,19 @@ def score_maps(maps: Mapping[str, torch.Tensor | np.ndarray], boxes: Sequence[Im
             energy=float(np.mean([energy_in_box(ms[i], per[i].boxes, image_size) for i in keep])),
             iou=float(np.mean([mask_iou(ms[i], per[i].boxes, image_size, iou_threshold) for i in keep])),
             max_box_acc=acc, max_box_acc_threshold=float(THRESHOLDS[best]),
-            flat=float(np.mean([float(np.ptp(_as_map(ms[i]))) == 0 for i in keep])), images=len(keep),
+            flat=float(np.mean([_flat(ms[i]) for i in keep])), images=len(keep),
         )
     return out
+
+
+FLAT_BELOW = 1e-12  # a map whose every value is smaller holds rounding noise, not a place
+
+
+def _flat(m: torch.Tensor | np.ndarray) -> bool:
+    """A map that points nowhere: constant, or numerically zero everywhere (a CAM at a layer whose features reach
+    the logits only through rounding, say), whose peak would be picked by noise."""
+    a = _as_map(m)
+    return float(np.ptp(a)) == 0 or float(np.abs(a).max()) < FLAT_BELOW
 
 
 def _ranks(v: np.ndarray) -> np.ndarray:

@@ -314,3 +314,13 @@ def test_in_short_names_the_best_map_per_score_from_the_table_and_flags_inverted
     assert "Best deletion AUC (lower is better): <b>layer3</b>, 0.300; random map 0.390" in said
     assert "Inverted: <b>layer1</b>" in said and "Insensitive" not in said
     assert result.table["layer1"]["flags"] == ["inverted"] and result.table["layer3"]["flags"] == []
+
+
+def test_a_readouts_cams_look_at_its_deepest_tap_where_the_decision_reads():
+    torch.manual_seed(0)
+    model = attnzoo.create_model("test_resnet", "lpa-pc", num_classes=3, img_size=64)  # layer4: 2 x 2
+    assert gradcam_site(model, 64) == model.sites[-1] != "layer4"
+    x = torch.randn(4, 3, 64, 64)
+    assert cam(model, x, torch.tensor([0, 1, 2, 0])).abs().max() > 1e-8  # not the final level's rounding noise
+    final = cam(model, x, torch.tensor([0, 1, 2, 0]), layer="layer4")
+    assert final.abs().max() < 1e-6  # there, softmax cancels g: gradients of rounding size

@@ -138,3 +138,9 @@ def test_curve_auc_is_the_mean_height_of_the_curve():
     assert curve_auc([0.5, 0.5, 0.5]) == pytest.approx(0.5)
     assert curve_auc([1.0, 0.0]) == pytest.approx(0.5)
     assert curve_auc([0.0, 1.0, 1.0]) == pytest.approx(0.75)
+
+
+def test_a_map_of_rounding_noise_points_nowhere():
+    noise = torch.zeros(1, 2, 2)
+    noise[0, 1, 1] = 1e-16  # a CAM at a layer that reaches the logits only through rounding
+    assert score_maps({"cam": noise}, [ImageBoxes((BOX,))], SIZE)["cam"]["flat"] == 1.0
