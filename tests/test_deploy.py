@@ -123,7 +123,10 @@ def test_onnx_legacy_exporter_keeps_the_attention(backbone, attn, tmp_path):
     assert_same((got[0], dict(zip(model.sites, got[1:]))), outputs(model, x))
 
 
-@backbones
+# the dynamo exporter takes 3 s a model: the ViT half of its matrix runs with `pytest -m slow` (the default run
+# keeps it within 3 minutes); the export command's tests export test_resnet through it too
+@pytest.mark.parametrize("backbone", [b if b == "test_resnet" else pytest.param(b, marks=pytest.mark.slow)
+                                      for b in BACKBONES])
 @matrix
 def test_onnx_dynamo_export_checked_by_onnxruntime(backbone, attn, tmp_path):
     pytest.importorskip("onnxscript")
