@@ -16,37 +16,33 @@ from attnzoo.errors import SiteError, TrainingFailed
 from attnzoo.testing import check_attention
 
 
-@register_attention("test-nan-in-eval", kind="gate", summary="test only: NaN output when evaluating")
-class NanInEval(nn.Module):
-    """Finite while training, NaN in eval mode: the validation loss is NaN, the training loss is not."""
+class ScaledGate(nn.Module):
+    """A gate with one trainable scale, for the test gates below to misbehave around."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(1))
+
+
+@register_attention("test-nan-in-eval", kind="gate", summary="test only: NaN output when evaluating")
+class NanInEval(ScaledGate):
+    """Finite while training, NaN in eval mode: the validation loss is NaN, the training loss is not."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale if self.training else x * float("nan")
 
 
 @register_attention("test-upsample", kind="gate", summary="test only: returns a 2x larger map")
-class Upsample(nn.Module):
+class Upsample(ScaledGate):
     """Breaks the gate contract: the output is twice the input's size."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.interpolate(x, scale_factor=2.0) * self.scale
 
 
 @register_attention("test-more-channels", kind="gate", summary="test only: returns twice the channels")
-class MoreChannels(nn.Module):
+class MoreChannels(ScaledGate):
     """Breaks the gate contract: the output has twice the channels."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x], 1) * self.scale
