@@ -1,9 +1,12 @@
-"""Files attnzoo writes outside its run folders (figures, charts): never over a file it did not create.
+"""How attnzoo writes files: never half-written, with the mode the user's umask gives, never over a file it
+did not create.
 
-A file is written to a temporary name and then hard-linked to its final name, which fails when that name
-exists: so even a file that appears between the check and the write is never replaced. A name picked by
-attnzoo (a default, or one per image in an output folder) moves on to ``NAME-2``, ``NAME-3``... when taken;
-a name the user gave (``--out FILE``) that exists is an error.
+Every file is first written to a temporary beside it (``write_temporary``). In a run folder, which attnzoo
+owns, it is then renamed into place (``run._atomic_write``). Anywhere else (figures, charts, exports) it is
+hard-linked to its final name, which fails when that name exists (``write_new``): even a file that appears
+between the check and the write is never replaced. A name picked by attnzoo (a default, or one per image in an
+output folder) moves on to ``NAME-2``, ``NAME-3``... when taken; a name the user gave (``--out FILE``) that
+exists is an error.
 """
 
 from __future__ import annotations
