@@ -275,16 +275,15 @@ def fit(
 
     ``settings`` are ``FitConfig``'s (``at``, ``attn_options``, ``epochs``, ``lr``, ``bs``, ``img_size``,
     ``pretrained``, ``weights``, ``valid_pct``, ``seed``, ``freeze_epochs``, ``num_workers``, ``threads``,
-    ``checkpoints``,
-    ``sync_bn``, ``compile``, ``out``, ``runs_dir``, ``resume``), checked before anything starts; None means the
-    default. Or pass a ready ``config``. ``lr="auto"`` runs fastai's ``lr_find``. ``on_data(info, run_dir)``
+    ``checkpoints``, ``sync_bn``, ``compile``, ``out``, ``runs_dir``, ``resume``), checked before anything
+    starts; None means the default. Or pass a ready ``config``. ``lr="auto"`` runs fastai's ``lr_find``. ``on_data(info, run_dir)``
     is called with the dataset summary before training; ``on_epoch_table(rows)`` with the per-epoch rows after it.
 
     The run folder is created before training starts (``attnzoo.json`` with ``status: training``);
     ``checkpoints`` keeps ``checkpoints/last`` and ``checkpoints/best`` up to date after every epoch.
     ``resume=RUN`` continues an interrupted run from its last checkpoint with the run's own settings
-    (no other setting but ``num_workers`` and ``threads`` may be given with it) and reaches the result the uninterrupted
-    run would have. SIGINT/SIGTERM stop after the current batch, save, and raise ``Interrupted``; a
+    (no other setting but ``num_workers`` and ``threads`` may be given with it) and reaches the result the
+    uninterrupted run would have. SIGINT/SIGTERM stop after the current batch, save, and raise ``Interrupted``; a
     NaN/inf loss stops training and raises ``TrainingFailed`` naming the epoch and batch.
 
     Under ``torchrun`` / ``accelerate launch`` every process trains on its shard of the data (``bs`` is per
