@@ -276,8 +276,9 @@ def fit(
     ``settings`` are ``FitConfig``'s (``at``, ``attn_options``, ``epochs``, ``lr``, ``bs``, ``img_size``,
     ``pretrained``, ``weights``, ``valid_pct``, ``seed``, ``freeze_epochs``, ``num_workers``, ``threads``,
     ``checkpoints``, ``sync_bn``, ``compile``, ``out``, ``runs_dir``, ``resume``), checked before anything
-    starts; None means the default. Or pass a ready ``config``. ``lr="auto"`` runs fastai's ``lr_find``. ``on_data(info, run_dir)``
-    is called with the dataset summary before training; ``on_epoch_table(rows)`` with the per-epoch rows after it.
+    starts; None means the default. Or pass a ready ``config``. ``lr="auto"`` runs fastai's ``lr_find``.
+    ``on_data(info, run_dir)`` is called with the dataset summary before training; ``on_epoch_table(rows)`` with
+    the per-epoch rows after it.
 
     The run folder is created before training starts (``attnzoo.json`` with ``status: training``);
     ``checkpoints`` keeps ``checkpoints/last`` and ``checkpoints/best`` up to date after every epoch.
@@ -526,7 +527,11 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
         from . import trust
 
         with distributed.alone():
-            config["maps"] = trust.from_learner(learn, info, img_size)  # which map carries the decision
+            try:
+                config["maps"] = trust.from_learner(learn, info, img_size)  # which map carries the decision
+            except Exception as e:  # the trained model matters more: it is saved, and the gap said
+                config["warnings"] = [*config.get("warnings", []),
+                                      f"the maps' decision shares were not measured: {type(e).__name__}: {e}"]
     if distributed.is_main():
         with distributed.alone():  # fastai must not gather now: rank 0 finishes the run folder by itself
             try:
