@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import timm
 import torch
@@ -17,6 +19,15 @@ NOWHERE = "http://127.0.0.1:9"  # the discard port: refused at once, no retries 
 @pytest.fixture
 def no_network(monkeypatch, tmp_path):
     """A hub that cannot be reached, without HF_HUB_OFFLINE, and an empty local cache."""
+    connect = socket.socket.connect
+
+    def loopback_only(sock: socket.socket, address: object) -> None:  # this test can never reach the network
+        host = address[0] if isinstance(address, tuple) else address
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            raise OSError(f"test_hub refuses a connection to {address}")
+        connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", NOWHERE)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
