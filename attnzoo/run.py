@@ -241,6 +241,7 @@ class RunFolder:
         self._claimed = False  # holding CLAIM: attnzoo.json is not written yet
         self._created = False  # this process made the folder
         self._locked = False  # holding TRAINING
+        self._parents: list[Path] = []  # folders above it that claiming made
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -277,7 +278,9 @@ class RunFolder:
         check that nothing else is there. Claim first, check second: a run that checks while another holds the
         claim fails to take it, and one that takes it after a run started finds that run's files."""
         try:
+            missing = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._parents = missing  # made for this run (runs/): removed with it when it never starts
             try:
                 os.mkdir(self.path)
                 self._created = True
@@ -335,10 +338,11 @@ class RunFolder:
         self._claimed = False
         (self.path / CLAIM).unlink(missing_ok=True)
         if self._created:
-            try:
-                self.path.rmdir()
-            except OSError:
-                pass  # something else was written there: keep it
+            for folder in (self.path, *self._parents):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break  # something else was written there: keep it
 
     def clean_temporaries(self) -> list[Path]:
         """Remove the temporary files a killed attnzoo left (``.NAME.XXXXXXXX.tmp``, and safetensors'

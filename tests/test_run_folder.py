@@ -169,3 +169,10 @@ def test_resume_of_a_run_another_process_trains_is_refused_and_touches_nothing(t
     with pytest.raises(AttnzooError, match="is training in"):
         fit(resume=str(run))
     assert stale.exists() and (run / TRAINING).exists()
+
+
+def test_a_run_that_never_starts_leaves_no_runs_folder_either(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AttnzooError):
+        fit("test_resnet", "lpa-pc", str(tmp_path / "no-such-data"), pretrained=False, epochs=1)
+    assert list(tmp_path.iterdir()) == []  # neither the run folder nor the runs/ made for it
