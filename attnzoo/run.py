@@ -278,15 +278,21 @@ class RunFolder:
         check that nothing else is there. Claim first, check second: a run that checks while another holds the
         claim fails to take it, and one that takes it after a run started finds that run's files."""
         try:
-            missing = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._parents = missing  # made for this run (runs/): removed with it when it never starts
-            try:
-                os.mkdir(self.path)
-                self._created = True
-            except FileExistsError:
-                if new_only:
-                    return False
+            for attempt in range(3):  # a run that never started may remove runs/ between our two mkdirs
+                missing = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._parents = missing  # made for this run (runs/): removed with it when it never starts
+                try:
+                    os.mkdir(self.path)
+                    self._created = True
+                    break
+                except FileExistsError:
+                    if new_only:
+                        return False
+                    break
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
             try:
                 os.close(os.open(self.path / CLAIM, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             except FileExistsError:
