@@ -30,4 +30,4 @@ norm = dls.after_batch.normalize
 images = viz.denormalize(xb[:4].cpu(), norm.mean.flatten().cpu(), norm.std.flatten().cpu())
 labels = [dls.vocab[i] for i in yb[:4]]
 fig = viz.attention_grid(images, {k: v[:4] for k, v in maps.items()}, labels, [dls.vocab[i] for i in preds[:4]])
-print("wrote", viz.save_figure(fig, "quickstart_attention.png"))
+print("wrote", viz.save_new_figure(fig, "quickstart_attention.png"))  # a new name if that one is taken
