@@ -206,19 +206,14 @@ def show_attention(
 ) -> None:
     """Predict IMAGES and write one PNG each: the image, top predictions and every site's attention map."""
     from .interpret import show_attention as show
-    from .outputs import existing_files, per_image_outputs
-    from .run import latest_run, load_run
-    from .threads import use_threads
+    from .run import latest_run
 
     run_dir = run if run is not None else latest_run()
-    per_image_outputs(existing_files(images), out, run_dir / "attention")  # bad input fails before the model loads
-    use_threads(threads)
-    r = load_run(run_dir)
-    written = show(r, images, out, top)
+    written = show(run_dir, images, out, top, threads)  # bad input fails before the model loads
     cols = ["image", *(f"#{k + 1}" for k in range(len(written[0][1]))), "written"]
     rows = [[p.name, *(f"{c} {pr:.1%}" for c, pr in t), target.name] for p, t, target in written]
     folders = sorted({str(target.parent) for _, _, target in written})
-    _print_table(_console(), f"predictions of {r.path}, figures in {', '.join(folders)}", cols, rows,
+    _print_table(_console(), f"predictions of {run_dir}, figures in {', '.join(folders)}", cols, rows,
                  whole=("written",))
 
 

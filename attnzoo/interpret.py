@@ -45,7 +45,7 @@ from .explain import (
 from .figures import bar_figure, confusion_figure, curves_figure, history_figure, localization_figure
 from .metrics import confusion_matrix, most_confused
 from .report import best_map, score_table, time_per_epoch, write_report
-from .run import CONFIG, WEIGHTS, Run, RunFolder
+from .run import CONFIG, WEIGHTS, Run, RunFolder, load_run
 
 __all__ = [
     "Interpretation", "attention_rows", "cam_specs", "compare_figure", "compare_runs", "deletion_curves",
@@ -68,18 +68,25 @@ def load_batch(run: Run, paths: Sequence[str | Path]) -> torch.Tensor:
     return torch.stack([run.preprocess(run.load_image(p)) for p in paths])
 
 
-def show_attention(run: Run, images: Sequence[str | Path], out: str | Path | None = None,
-                   top: int = 3) -> list[tuple[Path, list[tuple[str, float]], Path]]:
+def show_attention(run: Run | str | Path, images: Sequence[str | Path], out: str | Path | None = None,
+                   top: int = 3, threads: int | str | None = None) -> list[tuple[Path, list[tuple[str, float]], Path]]:
     """What ``attnzoo show-attention`` does: one PNG per image (the image, top predictions, every site's map).
 
+    ``run``: a ``Run``, or a run folder, loaded once the images and ``out`` are known to be usable.
     ``out``: a ``.png`` file (one image) or a folder (default ``RUN/attention``). No file is written over:
-    see ``outputs.per_image_outputs``. Returns ``(image, top predictions, file written)`` per image."""
+    see ``outputs.per_image_outputs``. ``threads``: as ``fit``'s. Returns ``(image, top predictions, file
+    written)`` per image."""
     from .outputs import existing_files, per_image_outputs
+    from .threads import use_threads
 
     if top < 1:
         raise AttnzooError(f"--top must be at least 1, got {top}")
     images = existing_files(images)
-    targets, fresh = per_image_outputs(images, out, Path(run.path or ".") / "attention")
+    folder = Path(run.path or ".") if isinstance(run, Run) else Path(run)
+    targets, fresh = per_image_outputs(images, out, folder / "attention")
+    use_threads(threads)
+    if not isinstance(run, Run):
+        run = load_run(folder)
     probs, maps = run.predict(images)
     maps = trust.ordered(maps, run.config.get("maps"))  # the map that carries the decision first, labelled
     tops = run.top(probs, top)
