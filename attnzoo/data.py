@@ -36,7 +36,7 @@ from .errors import AttnzooError
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 VALID_NAMES = ("valid", "val", "validation", "test")
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold; larger images are refused, never decoded
-RUN_MARKER = "attnzoo.json"  # the file that makes a folder an attnzoo run folder (run.CONFIG)
+RUN_MARKER = "attnzoo.json"  # the file that makes a folder an attnzoo run folder (run.CONFIG is this name)
 SYSTEM_DIRS = {"__macosx", "__pycache__", "@eadir", "$recycle.bin", "system volume information", "lost+found"}
 SPLIT_NAMES = ("train", *VALID_NAMES, "seg_train", "seg_test")
 

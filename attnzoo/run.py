@@ -32,11 +32,12 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .data import RUN_MARKER
 from .errors import AttnzooError
 from .model import AttentionModel, create_model
 from .outputs import write_temporary
 
-CONFIG = "attnzoo.json"
+CONFIG = RUN_MARKER  # attnzoo.json: data.py, which must not import torch, keeps the name
 WEIGHTS = "model.safetensors"
 HISTORY = "history.csv"
 SKIPPED = "skipped.txt"

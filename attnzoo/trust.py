@@ -52,24 +52,29 @@ def _without(model: Any, site: str) -> Iterator[None]:
 
 
 @torch.no_grad()
-def decision_shares(model: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, dict[str, float]]:
+def decision_shares(model: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    maps: dict[str, list[torch.Tensor]] | None = None) -> dict[str, dict[str, float]]:
     """``{site: {"drop", "share"}}``: the drop in the true class's mean probability when the map at ``site`` is
     taken away, and that drop's share of all sites' drops (0 where no drop is positive). ``batches`` are
-    ``(normalised images, class indices)``, reused for every site."""
+    ``(normalised images, class indices)``, reused for every site. ``maps``, when given, receives the maps of
+    the whole model's pass, a list per site (one tensor per batch)."""
     was_training = model.training
     model.eval()
     batches = list(batches)
 
-    def true_prob() -> float:
+    def true_prob(keep: dict[str, list[torch.Tensor]] | None = None) -> float:
         total, n = 0.0, 0
         for x, y in batches:
             p = model(x).float().softmax(-1)
             total += float(p.gather(1, y.view(-1, 1).to(p.device)).sum())
             n += len(y)
+            if keep is not None:
+                for site, m in model.attention_maps().items():
+                    keep.setdefault(site, []).append(m.cpu())
         return total / max(n, 1)
 
     try:
-        full = true_prob()
+        full = true_prob(maps)
         drops = {}
         for site in model.sites:
             with _without(model, site):
@@ -136,16 +141,8 @@ def from_learner(learn: Any, info: Any, img_size: int, limit: int = 512) -> dict
             break
     if not batches or not model.sites:
         return {}
-    shares = decision_shares(model, batches)
-    was_training = model.training
-    model.eval()
     maps: dict[str, list[torch.Tensor]] = {}
-    with torch.no_grad():
-        for x, _ in batches:
-            model(x)
-            for site, m in model.attention_maps().items():
-                maps.setdefault(site, []).append(m.cpu())
-    model.train(was_training)
+    shares = decision_shares(model, batches, maps)  # one pass gives the maps too
     boxes = None
     if localize.has_boxes(info.root):
         boxes = localize.load_boxes(info.root, list(learn.dls.valid.items)[:n], img_size)
