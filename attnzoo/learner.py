@@ -523,17 +523,16 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
     elif best:
         best = {**best, "weights": ck.BEST}
     config = {**config, "status": "done", "best": best, "distributed": training.summary()}
-    if distributed.is_main() and attn:
-        from . import trust
-
-        with distributed.alone():
-            try:
-                config["maps"] = trust.from_learner(learn, info, img_size)  # which map carries the decision
-            except Exception as e:  # the trained model matters more: it is saved, and the gap said
-                config["warnings"] = [*config.get("warnings", []),
-                                      f"the maps' decision shares were not measured: {type(e).__name__}: {e}"]
     if distributed.is_main():
         with distributed.alone():  # fastai must not gather now: rank 0 finishes the run folder by itself
+            if attn:
+                from . import trust
+
+                try:
+                    config["maps"] = trust.from_learner(learn, info, img_size)  # which map carries the decision
+                except Exception as e:  # the trained model matters more: it is saved, and the gap said
+                    config["warnings"] = [*config.get("warnings", []),
+                                          f"the maps' decision shares were not measured: {type(e).__name__}: {e}"]
             try:
                 folder.save(learn.model, config, history.rows)
             except OSError as e:  # disk full, say: the trained model is still in the last checkpoint
