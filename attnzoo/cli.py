@@ -15,8 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from .config import DEFAULTS as _FIT
 from .errors import AttnzooError, Interrupted, TrainingFailed
+from .train.settings import DEFAULTS as _FIT
 
 app = typer.Typer(
     name="attnzoo",
@@ -122,7 +122,7 @@ def fit(
                                                             "runs; see benchmarks/RESULTS.md).")] = False,
 ) -> None:
     """Train BACKBONE with attention ATTN on DATA and write a run folder (or --resume one)."""
-    from .config import FitConfig, parse_attn_args
+    from .train.settings import FitConfig, parse_attn_args
 
     # the options typed, not their defaults: --resume refuses any other setting, even one typed at its default
     given = {n: v for n, v in ctx.params.items()
@@ -137,8 +137,8 @@ def fit(
     renamed = {"workers": "num_workers", "attn_arg": "attn_options"}
     config = FitConfig.of(**{renamed.get(n, n): v for n, v in given.items()})  # before torch is imported
 
-    from .distributed import is_main
-    from .learner import fit as fit_run
+    from .train.distributed import is_main
+    from .train.fit import fit as fit_run
 
     console = _console()
     err = _console(stderr=True)
@@ -181,9 +181,10 @@ def fit(
 
 def _predict(images: list[Path], run: Path | None, top: int, threads: str) -> tuple[Any, list, dict]:
     """The run (given, or the newest under ./runs), its top-k per image and the attention maps."""
-    from .outputs import existing_files
-    from .run import latest_run, load_run
-    from .threads import use_threads
+    from .runs.folder import latest_run
+    from .runs.outputs import existing_files
+    from .runs.predict import load_run
+    from .train.threads import use_threads
 
     if top < 1:
         raise AttnzooError(f"--top must be at least 1, got {top}")
@@ -205,8 +206,8 @@ def show_attention(
     threads: Threads = "auto",
 ) -> None:
     """Predict IMAGES and write one PNG each: the image, top predictions and every site's attention map."""
-    from .interpret import show_attention as show
-    from .run import latest_run
+    from .explain.show_attention import show_attention as show
+    from .runs.folder import latest_run
 
     run_dir = run if run is not None else latest_run()
     written = show(run_dir, images, out, top, threads)  # bad input fails before the model loads
@@ -246,8 +247,8 @@ def list_modules(
 
     from rich.markup import escape
 
-    from .plugins import plugin_status, qualified_names
-    from .registry import get_attention, list_attention
+    from .model.plugins import plugin_status, qualified_names
+    from .model.registry import get_attention, list_attention
 
     # names a collision took away from the bare name are still usable as dist:name
     qualified = [q for q in qualified_names() if fnmatch.fnmatchcase(q.partition(":")[2], pattern)]
@@ -277,7 +278,7 @@ def layers(
 
     Layout: NCHW, NHWC (channels last), or NLC tokens on the map's grid (+N prefix tokens such as the class
     token; 'unrolled': in the model's own token order). A gate sees NCHW whatever the layout."""
-    from .model import layers as get_layers
+    from .model.sites import layers as get_layers
 
     sites = get_layers(backbone, img_size, all=all_sites)
     if as_json:
@@ -301,7 +302,7 @@ def plugins(
 
     from rich.markup import escape
 
-    from .plugins import plugin_status
+    from .model.plugins import plugin_status
 
     statuses = plugin_status()
     if as_json:
@@ -344,11 +345,11 @@ def interpret(
     localisation against boxes.csv, deletion, insertion, ROAD, a sanity check; mistakes; one report.html."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .explain import cam_methods
-    from .interpret import interpret_run
-    from .report import COLUMNS
-    from .run import load_run
-    from .threads import use_threads
+    from .explain.cams import cam_methods
+    from .explain.interpret import interpret_run
+    from .explain.report import COLUMNS
+    from .runs.predict import load_run
+    from .train.threads import use_threads
 
     for name, value in (("--n", n), ("--deletion-images", deletion_images)):
         if value < 1:
@@ -392,14 +393,14 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Compare RUNS side by side: accuracy, loss, size, speed and localisation scores; writes a bar chart."""
-    from . import viz
-    from .interpret import compare_figure, compare_runs
-    from .outputs import check_new_file
+    from .explain import figures
+    from .explain.compare import compare_figure, compare_runs
+    from .runs.outputs import check_new_file
 
     if out is not None:
         check_new_file(out)
     rows = compare_runs(runs)
-    written = viz.save_new_figure(compare_figure(rows), out or Path("compare.png"), fresh=out is None)
+    written = figures.save_new_figure(compare_figure(rows), out or Path("compare.png"), fresh=out is None)
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
@@ -457,7 +458,7 @@ def export(
     out: Annotated[Path | None, typer.Option(help="File to write (default: <run name>.<format>).")] = None,
 ) -> None:
     """Export a run for deployment, dynamic batch; checked against PyTorch before it is written."""
-    from .deploy import export as export_run
+    from .runs.export import export as export_run
 
     result = export_run(run, out, format=format, maps=maps)
     _console().print(f"[green]{result.format}:[/] {result.path}  outputs {', '.join(result.outputs)}; "
@@ -541,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _run_app(argv)
     except SystemExit as e:
-        from .plugins import manager
+        from .model.plugins import manager
 
         strays = manager.stray_threads()
         if strays:  # a started thread cannot be made a daemon: the only way out without waiting is _exit

@@ -122,7 +122,7 @@ def check_accelerators() -> list[Check]:
 
 def check_plugins() -> list[Check]:
     try:
-        from .plugins import plugin_status
+        from .model.plugins import plugin_status
 
         statuses = plugin_status()
     except Exception as e:
@@ -147,7 +147,7 @@ def check_plugins() -> list[Check]:
 def check_cache() -> Check:
     import os
 
-    from .demo import demo_root
+    from .train.demo import demo_root
 
     root = demo_root()
     existing = root

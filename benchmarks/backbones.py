@@ -79,9 +79,9 @@ def level_check(name: str, img_size: int) -> str:
     import timm
     import torch
 
-    from attnzoo.model import _introspect, to_map
+    from attnzoo.model.sites import introspect, to_map
 
-    info = _introspect(name, img_size)
+    info = introspect(name, img_size)
     model = timm.create_model(name, num_classes=3, **dict(info.timm_kwargs)).eval()
     levels = [info.site(n) for n in info.levels]
     seen: dict[str, torch.Tensor] = {}
@@ -115,7 +115,7 @@ def first_line(e: BaseException) -> str:
 
 
 def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
-    from attnzoo.model import default_img_size
+    from attnzoo.model.sites import default_img_size
 
     t0 = time.perf_counter()
     pick = cheapest(family)

@@ -29,7 +29,7 @@ def attnzoo_cmd() -> list[str]:
 
 
 def tiny_folder(root: Path) -> Path:
-    from attnzoo.demo import DEMO_CLASSES, _sample_rng, render_sample
+    from attnzoo.train.demo import DEMO_CLASSES, _sample_rng, render_sample
 
     for ci, cls in enumerate(DEMO_CLASSES[:2]):
         (root / cls).mkdir(parents=True)

@@ -32,7 +32,7 @@ import common
 
 def jpeg_folder(n: int, size: int) -> Path:
     """``n`` demo pictures as JPEGs (quality 90) in class folders; made once, reused after."""
-    from attnzoo.demo import DEMO_CLASSES, _sample_rng, demo_root, render_sample
+    from attnzoo.train.demo import DEMO_CLASSES, _sample_rng, demo_root, render_sample
 
     root = demo_root().parent / f"benchmark-jpeg-{size}px-{n}"
     if (root / "done").is_file():
@@ -93,7 +93,7 @@ def main() -> None:
     import torch
 
     from attnzoo import create_model
-    from attnzoo.data import find_dataset, image_dataloaders
+    from attnzoo.train.data import find_dataset, image_dataloaders
 
     gpu = torch.device(args.device).type == "cuda"
     if gpu:

@@ -35,7 +35,7 @@ def child(attn: str, flush: bool, epochs: int, backbone: str) -> dict:
         torch.set_flush_denormal(True)
     from loop_overhead import TorchLoop, dataset
 
-    from attnzoo.data import image_dataloaders
+    from attnzoo.train.data import image_dataloaders
 
     args = argparse.Namespace(data=None, quick=True, backbone=backbone, attn=attn, img_size=64, lr=1e-3)
     dls = image_dataloaders(dataset(args), img_size=64, bs=32, num_workers=0, device="cpu")

@@ -44,8 +44,8 @@ GOAL = 1.05  # the issue's goal: attnzoo's loop at most 5% slower than the hand-
 
 
 def dataset(args: argparse.Namespace) -> Any:
-    from attnzoo.data import find_dataset, resolve_data
-    from attnzoo.demo import demo_root, make_demo
+    from attnzoo.train.data import find_dataset, resolve_data
+    from attnzoo.train.demo import demo_root, make_demo
 
     if args.data:
         return find_dataset(args.data)
@@ -124,7 +124,7 @@ class FastaiLoop:
         from fastai.optimizer import OptimWrapper
         from rich.console import Console
 
-        from attnzoo.learner import History, attention_learner
+        from attnzoo.train.learner import History, attention_learner
 
         kw: dict[str, Any] = {}
         if torch_opt:
@@ -144,7 +144,7 @@ class FastaiLoop:
     def fit(self, epochs: int) -> dict[str, float]:
         import contextlib
 
-        from attnzoo.learner import RichProgress
+        from attnzoo.train.learner import RichProgress
 
         cbs = self.learn.added_cbs(RichProgress(self.console, total_epochs=epochs)) if self.rich else \
             contextlib.nullcontext()
@@ -278,7 +278,7 @@ def main() -> None:
     import timm
     import torch
 
-    from attnzoo.data import image_dataloaders
+    from attnzoo.train.data import image_dataloaders
 
     gpu = torch.device(args.device).type == "cuda"
     if gpu:

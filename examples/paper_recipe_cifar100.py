@@ -21,7 +21,7 @@ from fastai.callback.schedule import ParamScheduler
 from fastai.optimizer import SGD
 
 import attnzoo
-from attnzoo.data import find_dataset, image_dataloaders
+from attnzoo.train.data import find_dataset, image_dataloaders
 
 
 def halve_every(step: int, total: int, lr0: float = 0.1):

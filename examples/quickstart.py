@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 
 import attnzoo
-from attnzoo import viz
-from attnzoo.data import find_dataset, image_dataloaders
-from attnzoo.demo import make_demo
+from attnzoo.explain import figures as viz
+from attnzoo.train.data import find_dataset, image_dataloaders
+from attnzoo.train.demo import make_demo
 
 # 1. data: the built-in synthetic shapes (object boxes known), as fastai DataLoaders
 info = find_dataset(make_demo())

@@ -11,7 +11,7 @@ from timm.models import register_model
 
 import attnzoo
 from attnzoo.errors import SiteError
-from attnzoo.model import _introspect, to_map
+from attnzoo.model.sites import introspect, to_map
 
 IMG = 64
 
@@ -36,13 +36,13 @@ FAMILIES = {"test_resnet": "NCHW", "test_vit": "NLC+1", "attnzoo_tiny_swin": "NH
 
 
 def _backbone(name: str) -> torch.nn.Module:
-    info = _introspect(name, IMG)
+    info = introspect(name, IMG)
     return timm.create_model(name, num_classes=3, **dict(info.timm_kwargs)).eval()
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_feature_levels_read_as_timm_forward_intermediates_gives_them(name):
-    info = _introspect(name, IMG)
+    info = introspect(name, IMG)
     model = _backbone(name)
     levels = [info.site(n) for n in info.levels]
     assert {s.layout for s in levels} == {FAMILIES[name]}

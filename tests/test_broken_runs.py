@@ -128,7 +128,7 @@ def test_predict_refuses_to_print_nan_probabilities(tiny_run, tiny_folder):
 
 
 def test_the_best_epochs_weights_are_stored_once(tiny_folder, tmp_path):
-    from attnzoo.checkpoint import BEST
+    from attnzoo.train.checkpoints import BEST
 
     run = attnzoo.fit("test_resnet", "none", str(tiny_folder), pretrained=False, epochs=2, bs=8, img_size=32,
                       out=str(tmp_path / "run"))

@@ -6,7 +6,7 @@ import pytest
 
 import attnzoo
 from attnzoo import AttnzooError, FitConfig
-from attnzoo.config import parse_attn_args
+from attnzoo.train.settings import parse_attn_args
 
 
 def test_python_callers_get_the_command_line_checks_before_anything_starts(tmp_path):

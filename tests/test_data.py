@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from attnzoo.data import find_dataset, image_dataloaders
 from attnzoo.errors import AttnzooError
+from attnzoo.train.data import find_dataset, image_dataloaders
 
 
 def write(path: Path, mode: str = "RGB", size: tuple[int, int] = (20, 14)) -> Path:
@@ -129,7 +129,7 @@ def test_without_the_check_bad_image_files_are_not_looked_at(tmp_path):
 def test_awkward_images_are_read_right(tmp_path):
     from badfiles import bomb_png, exif_rotated_jpeg, sixteen_bit_png, transparent_palette_png
 
-    from attnzoo.data import open_rgb
+    from attnzoo.train.data import open_rgb
 
     rotated = open_rgb(exif_rotated_jpeg(tmp_path / "r.jpg"))
     assert rotated.size == (20, 40)  # the EXIF rotation is applied

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnzoo import demo
-from attnzoo.demo import DEMO_CLASSES, demo_root, make_demo, read_boxes, render_sample
+from attnzoo.train import demo
+from attnzoo.train.demo import DEMO_CLASSES, demo_root, make_demo, read_boxes, render_sample
 
 SMALL = {"n_train": 24, "n_valid": 12, "size": 64}
 

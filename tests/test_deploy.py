@@ -86,7 +86,7 @@ def test_grad_checkpointing_keeps_the_attention(backbone, attn):
 @backbones
 @matrix
 def test_torch_export_with_a_dynamic_batch(backbone, attn):
-    from attnzoo.deploy import WithMaps
+    from attnzoo.runs.export import WithMaps
 
     model = opened(backbone, attn)
     wrapper = WithMaps(model).eval()
@@ -108,7 +108,7 @@ def onnx_outputs(path, x) -> list:
 @matrix
 def test_onnx_legacy_exporter_keeps_the_attention(backbone, attn, tmp_path):
     pytest.importorskip("onnx")
-    from attnzoo.deploy import WithMaps
+    from attnzoo.runs.export import WithMaps
 
     model = opened(backbone, attn)
     wrapper = WithMaps(model).eval()
@@ -168,7 +168,7 @@ def test_inductor_compile_gives_eagers_logits_and_maps():
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
-    from attnzoo.run import save_run
+    from attnzoo.runs.folder import save_run
 
     model = opened("test_resnet", "sagan")
     config = dict(backbone="test_resnet", attn="sagan", attn_options={}, sites=model.sites, classes=["a", "b", "c"],
@@ -204,7 +204,7 @@ def test_export_pt2_without_maps_runs_at_another_batch(run_folder, tmp_path, mon
     extra = {"attnzoo.json": ""}
     program = torch.export.load(str(result.path), extra_files=extra)
     assert '"classes": "[\\"a\\", \\"b\\", \\"c\\"]"' in extra["attnzoo.json"]
-    from attnzoo.run import load_run
+    from attnzoo.runs.predict import load_run
 
     model = load_run(run_folder).model
     x = inputs("test_resnet", 5)
@@ -213,7 +213,7 @@ def test_export_pt2_without_maps_runs_at_another_batch(run_folder, tmp_path, mon
 
 
 def test_an_export_that_differs_from_pytorch_is_not_written(run_folder, tmp_path, monkeypatch):
-    import attnzoo.deploy as deploy
+    from attnzoo.runs import export as deploy
 
     monkeypatch.setattr(deploy, "_compare", lambda *a, **k: (_ for _ in ()).throw(
         attnzoo.AttnzooError("export check failed: output 'logits' differs")))

@@ -18,9 +18,10 @@ import pytest
 import torch
 from conftest import make_folder
 
-from attnzoo import distributed, load_run
+from attnzoo import load_run
 from attnzoo.cli import main
 from attnzoo.errors import AttnzooError
+from attnzoo.train import distributed
 
 FIT = ["fit", "--backbone", "test_resnet", "--attn", "lpa-pc", "--no-pretrained", "--epochs", "1", "--bs", "4",
        "--img-size", "32"]
@@ -126,7 +127,7 @@ def test_checkpoints_hold_the_same_tensors_as_a_single_process(launched, single)
 
 
 def test_a_shard_counts_the_batches_it_yields(data):
-    from attnzoo.data import find_dataset, image_dataloaders
+    from attnzoo.train.data import find_dataset, image_dataloaders
 
     dls = image_dataloaders(find_dataset(data), img_size=32, bs=4)
     sharded = distributed._parts().ShardedDL

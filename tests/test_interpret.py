@@ -15,11 +15,12 @@ from torch import nn
 import attnzoo
 from attnzoo.cli import main
 from attnzoo.errors import AttnzooError
-from attnzoo.explain import CAM_METHODS, cam, cam_methods, gradcam_site
-from attnzoo.interpret import compare_runs, deletion_curves, gradcam, load_batch
-from attnzoo.localize import load_boxes
-from attnzoo.metrics import confusion_matrix, curve_auc, most_confused, score_maps
-from attnzoo.run import save_run
+from attnzoo.explain.boxes import load_boxes
+from attnzoo.explain.cams import CAM_METHODS, cam, cam_methods, gradcam_site
+from attnzoo.explain.compare import compare_runs
+from attnzoo.explain.interpret import deletion_curves, gradcam, load_batch
+from attnzoo.explain.metrics import confusion_matrix, curve_auc, most_confused, score_maps
+from attnzoo.runs.folder import save_run
 
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
 
@@ -297,7 +298,7 @@ def test_an_unknown_cam_method_is_one_line_and_exit_2(tmp_path, capsys):
 def test_in_short_names_the_best_map_per_score_from_the_table_and_flags_inverted_maps():
     from types import SimpleNamespace
 
-    from attnzoo.report import findings, score_table
+    from attnzoo.explain.report import findings, score_table
 
     loc = {"scores": {
         "layer1": {"kind": "tap", "pointing": 0.003, "energy": 0.1},

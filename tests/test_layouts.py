@@ -11,8 +11,8 @@ import pytest
 from conftest import make_folder
 from PIL import Image
 
-from attnzoo.data import find_dataset, resolve_data
 from attnzoo.errors import AttnzooError
+from attnzoo.train.data import find_dataset, resolve_data
 
 
 def images(folder: Path, n: int, seed: int = 0) -> None:
@@ -96,7 +96,7 @@ def test_swapping_two_classes_changes_the_fingerprint_not_the_counts(tmp_path):
 
 def test_resume_refuses_data_whose_classes_swapped(tmp_path):
     import attnzoo
-    from attnzoo.checkpoint import LAST, save_checkpoint
+    from attnzoo.train.checkpoints import LAST, save_checkpoint
 
     data = make_folder(tmp_path / "data", n=4, size=16)
     run = attnzoo.fit("test_resnet", "none", str(data), pretrained=False, epochs=1, bs=4, img_size=32,

@@ -7,8 +7,8 @@ import torch
 from fastai.learner import Learner
 
 import attnzoo
-from attnzoo.data import find_dataset, image_dataloaders
-from attnzoo.learner import History, suggest_lr
+from attnzoo.train.data import find_dataset, image_dataloaders
+from attnzoo.train.learner import History, suggest_lr
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from attnzoo.localize import load_boxes, scale_box
-from attnzoo.metrics import (
+from attnzoo.explain.boxes import load_boxes, scale_box
+from attnzoo.explain.metrics import (
     ImageBoxes,
     box_area_fraction,
     energy_in_box,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnzoo.metrics import (
+from attnzoo.explain.metrics import (
     ImageBoxes,
     box_ious,
     curve_auc,

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import attnzoo
 from attnzoo.attention import sagan
 from attnzoo.attention.sagan import SelfAttention, naive_self_attention, received_attention
-from attnzoo.maps import MapRecorder
+from attnzoo.model.maps import MapRecorder
 from attnzoo.testing import check_attention
 
 

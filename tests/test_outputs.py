@@ -11,7 +11,7 @@ from PIL import Image
 
 from attnzoo.cli import main
 from attnzoo.errors import AttnzooError
-from attnzoo.outputs import per_image_outputs, write_new
+from attnzoo.runs.outputs import per_image_outputs, write_new
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:

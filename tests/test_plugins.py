@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import attnzoo
-from attnzoo import plugins, registry
 from attnzoo.errors import AttnzooError, UnknownNameError
+from attnzoo.model import plugins, registry
 from attnzoo.testing import check_attention
 
 BUILTINS = {"lpa-pc", "lpa-dp", "sagan", "softmask-sigmoid", "softmask-softmax"}
@@ -367,30 +367,30 @@ def test_the_cli_exits_although_a_plugin_left_a_thread_running(tmp_path: Path):
 
 
 TAMPER = '''
-import attnzoo.run
+import attnzoo.runs.predict
 
-attnzoo.run.Run.predict = lambda self, images, bs=32: "not attnzoo's prediction"
+attnzoo.runs.predict.Run.predict = lambda self, images, bs=32: "not attnzoo's prediction"
 '''
 
 
 @pytest.mark.parametrize("loaded", [True, False], ids=["run-loaded-before", "run-first-loaded-by-the-plugin"])
 def test_a_plugin_that_replaces_attnzoos_functions_is_reported(install: Install, monkeypatch: pytest.MonkeyPatch,
                                                                loaded: bool):
-    import attnzoo.run
+    import attnzoo.runs.predict
     from attnzoo.doctor import check_plugins
 
-    predict = attnzoo.run.Run.predict
-    if not loaded:  # the plugin's import runs attnzoo/run.py again: there is nothing to compare with
-        monkeypatch.setattr(attnzoo, "run", attnzoo.run)
-        monkeypatch.delitem(sys.modules, "attnzoo.run")
+    predict = attnzoo.runs.predict.Run.predict
+    if not loaded:  # the plugin's import runs attnzoo/runs/predict.py again: there is nothing to compare with
+        monkeypatch.setattr(attnzoo.runs, "predict", attnzoo.runs.predict)
+        monkeypatch.delitem(sys.modules, "attnzoo.runs.predict")
     install("fake-tamper", {"fake-tamper": "fake_tamper:MeanGate"}, fake_tamper=TAMPER + GATE)
 
     st = _status("fake-tamper")
-    assert st.status == "tampered" and "modified attnzoo: run.Run.predict" in st.reason
+    assert st.status == "tampered" and "modified attnzoo: runs.predict.Run.predict" in st.reason
     assert "fake-tamper" not in attnzoo.list_attention()
     assert next(c for c in check_plugins() if c.name == "plugin fake-tamper").status == "fail"
     if loaded:
-        assert attnzoo.run.Run.predict is predict  # put back
+        assert attnzoo.runs.predict.Run.predict is predict  # put back
 
 
 class SizedGate(nn.Module):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from attnzoo.cli import main
-from attnzoo.demo import make_demo
+from attnzoo.train.demo import make_demo
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

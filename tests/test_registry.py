@@ -6,8 +6,8 @@ import pytest
 from torch import nn
 
 import attnzoo
-from attnzoo import registry
 from attnzoo.errors import AttnzooError, UnknownNameError
+from attnzoo.model import registry
 
 BUILTINS = {"lpa-pc", "lpa-dp", "sagan", "softmask-sigmoid", "softmask-softmax"}
 

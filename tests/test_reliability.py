@@ -21,7 +21,7 @@ from torch import nn
 
 from attnzoo import register_attention
 from attnzoo.errors import TrainingFailed
-from attnzoo.learner import fit
+from attnzoo.train.fit import fit
 
 TINY = dict(backbone="test_resnet", attn="lpa-pc", pretrained=False, bs=8, img_size=32)
 CLI_TINY = ["--backbone", "test_resnet", "--attn", "lpa-pc", "--no-pretrained", "--bs", "8", "--img-size", "32"]
@@ -304,7 +304,7 @@ def test_an_unreadable_image_for_show_attention_is_one_line(reference, tmp_path,
 
 
 def test_checkpoints_store_tied_weights_and_views(tmp_path):
-    from attnzoo.checkpoint import load_model_tensors, read_checkpoint, save_checkpoint
+    from attnzoo.train.checkpoints import load_model_tensors, read_checkpoint, save_checkpoint
 
     class Tied(nn.Module):
         def __init__(self) -> None:

@@ -13,7 +13,8 @@ from PIL import Image
 
 import attnzoo
 from attnzoo.errors import AttnzooError
-from attnzoo.run import Run, RunFolder, latest_run, load_run, save_run, write_config
+from attnzoo.runs.folder import RunFolder, latest_run, save_run, write_config
+from attnzoo.runs.predict import Run, load_run
 
 
 def make_run(path, attn="lpa-dp", **options) -> Run:
@@ -156,9 +157,9 @@ def umask():
 
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
 def test_files_are_written_with_the_users_umask(tmp_path, umask, mask):
-    from attnzoo import viz
-    from attnzoo.checkpoint import save_checkpoint
-    from attnzoo.interpret import bar_figure
+    from attnzoo.explain import figures as viz
+    from attnzoo.explain.compare import bar_figure
+    from attnzoo.train.checkpoints import save_checkpoint
 
     umask(mask)
     run = make_run(tmp_path / "r")

@@ -13,8 +13,9 @@ import pytest
 from conftest import make_folder
 
 from attnzoo.errors import AttnzooError, TrainingFailed
-from attnzoo.learner import fit
-from attnzoo.run import CLAIM, RunFolder, load_run
+from attnzoo.runs.folder import CLAIM, RunFolder
+from attnzoo.runs.predict import load_run
+from attnzoo.train.fit import fit
 
 TINY = dict(backbone="test_resnet", attn="lpa-pc", pretrained=False, bs=8, img_size=32, epochs=1)
 
@@ -108,7 +109,7 @@ def test_show_attention_into_a_read_only_run_folder_is_one_line_suggesting_out(t
 def test_interpret_scores_are_added_to_a_valid_config_keeping_the_training_versions(tmp_path):
     from test_run import make_run
 
-    from attnzoo.interpret import update_config
+    from attnzoo.explain.interpret import update_config
 
     make_run(tmp_path / "r")
     path = tmp_path / "r" / "attnzoo.json"
@@ -124,7 +125,7 @@ def test_interpret_scores_are_added_to_a_valid_config_keeping_the_training_versi
 def test_compare_reads_runs_against_the_same_schema(tmp_path):
     from test_run import make_run
 
-    from attnzoo.interpret import compare_runs
+    from attnzoo.explain.compare import compare_runs
 
     make_run(tmp_path / "r")
     path = tmp_path / "r" / "attnzoo.json"
@@ -137,7 +138,7 @@ def test_compare_reads_runs_against_the_same_schema(tmp_path):
 def test_one_process_trains_in_a_run_folder_at_a_time(tmp_path):
     import socket
 
-    from attnzoo.run import TRAINING
+    from attnzoo.runs.folder import TRAINING
 
     folder = RunFolder(tmp_path)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -158,7 +159,7 @@ def test_resume_of_a_run_another_process_trains_is_refused_and_touches_nothing(t
     import shutil
     import socket
 
-    from attnzoo.run import TRAINING
+    from attnzoo.runs.folder import TRAINING
 
     run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     config = json.loads((run / "attnzoo.json").read_text())

@@ -13,7 +13,7 @@ import pytest
 
 from attnzoo.cli import main
 from attnzoo.errors import AttnzooError
-from attnzoo.threads import idle_cores, use_threads
+from attnzoo.train.threads import idle_cores, use_threads
 
 
 def attnzoo(*args: str, columns: int = 80, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -61,7 +61,7 @@ def test_fit_prints_one_epoch_table_and_a_next_step_that_runs(tiny_folder, tmp_p
 def test_auto_threads_take_the_idle_cores(monkeypatch):
     import torch
 
-    from attnzoo import threads
+    from attnzoo.train import threads
 
     before = torch.get_num_threads()
     try:
@@ -79,7 +79,7 @@ def test_auto_threads_take_the_idle_cores(monkeypatch):
 
 
 def test_busy_cores_are_measured_from_the_kernels_counters():
-    from attnzoo.threads import _busy_cores
+    from attnzoo.train.threads import _busy_cores
 
     busy = _busy_cores(0.05)
     assert busy is None or 0.0 <= busy <= os.cpu_count()

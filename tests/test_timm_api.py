@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 import attnzoo
-from attnzoo.run import load_run, save_run
+from attnzoo.runs.folder import save_run
+from attnzoo.runs.predict import load_run
 
 
 def test_backbone_keys_are_timms_and_load_strict_both_ways():

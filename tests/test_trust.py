@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.metrics import ImageBoxes
-from attnzoo.trust import decision_shares, ordered, verdicts
+from attnzoo.explain.metrics import ImageBoxes
+from attnzoo.explain.trust import decision_shares, ordered, verdicts
 
 
 def batches(n: int = 2, size: int = 32):

@@ -8,7 +8,7 @@ import torch
 from matplotlib.colors import to_rgb
 from PIL import Image
 
-from attnzoo import viz
+from attnzoo.explain import figures as viz
 
 
 def _panels(fig):

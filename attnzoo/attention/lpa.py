@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..maps import report_map
-from ..registry import register_attention
+from ..model.maps import report_map
+from ..model.registry import register_attention
 from .precision import float32_scores
 
 PAPER = "Jetley et al., Learn To Pay Attention, ICLR 2018 (arXiv:1804.02391)"

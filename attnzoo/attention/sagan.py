@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..maps import report_map
-from ..registry import register_attention
+from ..model.maps import report_map
+from ..model.registry import register_attention
 from .precision import float32_scores
 
 #: width of the heads v is split into; the fused kernels are efficient at 32..128

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import SiteError
-from ..maps import report_map
-from ..registry import register_attention
+from ..model.maps import report_map
+from ..model.registry import register_attention
 from .precision import float32_scores
 
 

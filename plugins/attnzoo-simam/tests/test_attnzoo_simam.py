@@ -9,8 +9,8 @@ import torch
 from attnzoo_simam import SimAM
 
 import attnzoo
-from attnzoo.maps import MapRecorder
-from attnzoo.plugins import plugin_status
+from attnzoo.model.maps import MapRecorder
+from attnzoo.model.plugins import plugin_status
 from attnzoo.testing import check_attention
 
 

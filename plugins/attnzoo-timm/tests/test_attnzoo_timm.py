@@ -8,7 +8,7 @@ from attnzoo_timm import GATES, LEFT_OUT
 from timm.layers import get_attn
 
 import attnzoo
-from attnzoo.plugins import plugin_status
+from attnzoo.model.plugins import plugin_status
 from attnzoo.testing import check_attention
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import AttnzooError
+from ..errors import AttnzooError
 from .metrics import Box, ImageBoxes
 
 BOXES_FILE = "boxes.csv"

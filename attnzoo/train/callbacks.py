@@ -1,152 +1,159 @@
-"""Checkpoints, interruption and numerical faults during ``fit``: everything needed to lose nothing.
+"""The callbacks of a training run, each with one job: fastai's loop stays generic.
 
-    <run>/checkpoints/last.safetensors   after every epoch: model + optimiser state (tensors) and, in the
-                                         safetensors metadata, the epoch, the history, the best score and
-                                         every random-number state (python, numpy, torch, the DataLoaders)
-    <run>/checkpoints/best.safetensors   the model at the epoch with the lowest validation loss
-
-Both are one file each, written to a temporary name and renamed, so a crash never leaves a half-written
-checkpoint; nothing is ever pickled. ``fit(resume=RUN)`` rebuilds the Learner from the run's settings, loads
-``last`` and continues the same one-cycle schedule from the next epoch (fastai's ``start_epoch``): with the
-random states restored, the result is the one an uninterrupted run reaches.
+Progress and history (``RichProgress``, ``History``), numerics (``FlushDenormals``, ``NanGuard``), stopping
+(``StopOnSignal``) and saving (``Checkpoints``, ``RestoreSmoothLoss``).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
-import random
 import signal
 import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.torch_core import get_model
 
 from . import distributed
-from .errors import AttnzooError
-from .run import _atomic_write
-
-LAST = "checkpoints/last.safetensors"
-BEST = "checkpoints/best.safetensors"
-META_KEY = "attnzoo_checkpoint"
+from .checkpoints import BEST, LAST, rng_state, save_checkpoint
 
 
-# --- random states ---------------------------------------------------------------------------------------------
+class FlushDenormals(Callback):
+    """Flush denormal floats to zero on the CPU while fitting, then back.
 
-def rng_state(learn: Any) -> dict[str, Any]:
-    """Every random state the next epoch draws from, as JSON."""
-    version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [version, list(mt), gauss],
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state().tolist(),
-        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-        "loaders": [],
-    }
-    for dl in learn.dls.loaders:
-        v, m, g = dl.rng.getstate()
-        state["loaders"].append([v, list(m), g])
-    return state
+    Weights whose gradients are of rounding size (the layers after lpa-pc's last tap: its softmax cancels the
+    global feature's share of every score) drive Adam's second moment below 1.2e-38, and x86 arithmetic on
+    such denormal floats is many times slower (``benchmarks/denormal.py``). GPUs are unaffected.
 
+    OpenMP's worker threads copy the mode when they start: if torch has already run a parallel op in this
+    process (a notebook that ran a forward pass), call ``torch.set_flush_denormal(True)`` before that instead.
+    After the fit the mode is what it was before."""
 
-def set_rng_state(learn: Any, state: dict[str, Any]) -> None:
-    v, mt, g = state["python"]
-    random.setstate((v, tuple(mt), g))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-    for dl, (v, m, g) in zip(learn.dls.loaders, state["loaders"]):
-        dl.rng.setstate((v, tuple(m), g))
+    order = -10
+
+    def before_fit(self) -> None:
+        self._was = bool(torch.tensor([1e-39]).mul(1.0) == 0)  # flushing already? (torch has no getter)
+        self._set = torch.set_flush_denormal(True)
+
+    def after_fit(self) -> None:
+        if getattr(self, "_set", False):
+            torch.set_flush_denormal(self._was)
+            self._set = False
 
 
-# --- optimiser state without pickle ----------------------------------------------------------------------------
+class History(Callback):
+    """Per-epoch train loss, valid loss, metrics and seconds, across every fit of the Learner."""
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+    order = 60  # after the Recorder
 
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
 
-def optimizer_tensors(opt: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """fastai optimiser state -> (tensors, JSON): per-parameter tensors by index, everything else as JSON."""
-    sd = opt.state_dict()
-    tensors, plain = {}, []
-    for i, st in enumerate(sd["state"]):
-        rest = {}
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"optimizer.{i}.{k}"] = v.detach().contiguous()
-            else:
-                rest[k] = _plain(v)
-        plain.append(rest)
-    return tensors, {"state": plain, "hypers": [{k: _plain(v) for k, v in h.items()} for h in sd["hypers"]]}
+    def before_epoch(self) -> None:
+        self._start = time.perf_counter()
+        self._skipped = False
 
+    def after_cancel_epoch(self) -> None:
+        self._skipped = True  # an epoch fastai's SkipToEpoch passes over on resume, or a cancelled one
 
-def load_optimizer(opt: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: Any) -> None:
-    state = [dict(s) for s in meta["state"]]
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, i, name = key.split(".", 2)
-            state[int(i)][name] = value.to(device)
-    opt.load_state_dict({"state": state, "hypers": [dict(h) for h in meta["hypers"]]})
+    def after_epoch(self) -> None:
+        if self._skipped:
+            return
+        names = [n for n in self.recorder.metric_names[1:-1]]
+        values = self.recorder.values[-1] if self.recorder.values else []
+        row = {"epoch": len(self.rows) + 1}
+        for n, v in zip(names, values):
+            row[n] = float(v)
+        row["time"] = time.perf_counter() - self._start
+        self.rows.append(row)
 
 
-# --- writing and reading checkpoints ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def _task_progress(console: Any, description: str) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback that shows a rich bar on ``console`` from its first call, if any."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-def save_checkpoint(path: Path, learn: Any | None, model: torch.nn.Module, meta: dict[str, Any]) -> None:
-    """One safetensors file: ``model.*`` tensors, ``optimizer.*`` tensors when ``learn`` is given, ``meta``
-    (JSON) in the header. Written atomically."""
-    from safetensors.torch import save_file
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=True, disable=console is not None and not console.is_terminal)
+    task = None
 
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    meta = dict(meta)
-    if learn is not None and learn.opt is not None:
-        opt_tensors, meta["optimizer"] = optimizer_tensors(learn.opt)
-        tensors.update(opt_tensors)
-    # tied weights and views share storage, which safetensors refuses: the second one on a storage is copied
-    seen: set[int] = set()
-    for k, v in tensors.items():
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen and v.numel():
-            tensors[k] = v.clone()
-        seen.add(tensors[k].untyped_storage().data_ptr())
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=total)
+        bar.update(task, completed=done)
 
-
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise AttnzooError(f"no checkpoint to resume from: {path} (the run stopped before its first epoch ended)")
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {})[META_KEY])
-        return load_file(str(path)), meta
-    except Exception as e:
-        raise AttnzooError(f"{path} is not an attnzoo checkpoint: {type(e).__name__}: {e}") from None
+        yield update
+    finally:
+        bar.stop()
 
 
-def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise AttnzooError(f"checkpoint does not fit the model: {len(missing)} missing, "
-                           f"{len(unexpected)} unexpected tensors")
+class RichProgress(Callback):
+    """A rich progress display for epochs and batches, and one table row per epoch (replaces fastai's bars)."""
 
+    order = 61
 
-# --- callbacks -------------------------------------------------------------------------------------------------
+    def __init__(self, console: Any = None, total_epochs: int | None = None) -> None:
+        from rich.console import Console
+
+        self.console = console or Console(stderr=True)
+        self.total_epochs = total_epochs
+        self.done = 0
+
+    def before_fit(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=self.console,
+                                 transient=True, disable=not self.console.is_terminal)  # no bars into a log
+        total = self.total_epochs or self.n_epoch
+        self.progress.start()
+        self.epoch_task = self.progress.add_task("epochs", total=total, completed=self.done, info="")
+        self.batch_task = self.progress.add_task("batches", total=None, info="", visible=False)  # until a loader
+        self._columns: list[str] | None = None
+
+    def before_train(self) -> None:
+        self.progress.reset(self.batch_task, total=len(self.dl), description="train", info="", visible=True)
+
+    def before_validate(self) -> None:
+        self.progress.reset(self.batch_task, total=len(self.dl), description="valid", info="", visible=True)
+
+    def after_batch(self) -> None:
+        info = f"loss {self.smooth_loss.item():.3f}" if self.training else ""
+        self.progress.update(self.batch_task, advance=1, info=info)
+
+    def before_epoch(self) -> None:
+        self._skipped = False
+
+    def after_cancel_epoch(self) -> None:
+        self._skipped = True
+
+    def after_epoch(self) -> None:
+        if self._skipped:
+            return
+        self.done += 1
+        self.progress.update(self.epoch_task, completed=self.done)
+        hist = next((c for c in self.learn.cbs if isinstance(c, History)), None)
+        if hist is not None and hist.rows:  # the epoch table, a row at a time, its header before the first
+            row = hist.rows[-1]
+            if self._columns is None:
+                self._columns = list(row)
+                self.progress.console.print("  ".join(f"{k:>10}" for k in self._columns), style="bold",
+                                            highlight=False)
+            cells = [f"{row.get(k, float('nan')):>10.4f}" for k in self._columns]
+            cells[0], cells[-1] = f"{row['epoch']:>10}", f"{row['time']:>9.1f}s"
+            self.progress.console.print("  ".join(cells), highlight=False)
+
+    def after_fit(self) -> None:
+        self.progress.stop()
+
 
 class Checkpoints(Callback):
     """After every completed epoch: ``last`` (model, optimiser, history, random states) and ``best``."""

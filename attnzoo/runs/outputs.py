@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import AttnzooError
+from ..errors import AttnzooError
 
 
 def write_temporary(path: Path, write: Callable[[Path], Any]) -> Path:

@@ -11,7 +11,7 @@ module in, the backbone's state-dict keys unchanged: each site's module is repla
 Sites are timm module names (``layer3``, ``features.32``, ``stages.2``, ``blocks.4``, ``module[i]`` for an
 element of a tuple output) or feature levels: an integer ``i`` is the i-th feature level (timm's
 ``feature_info``; negative counts from the end; ``-1`` is the final level). Each site knows its layout
-(NCHW, NHWC, or tokens on a grid: see ``attnzoo.sites``); a gate sees NCHW whatever the layout, and its
+(NCHW, NHWC, or tokens on a grid: see ``attnzoo.model.sites``); a gate sees NCHW whatever the layout, and its
 output is put back in the site's layout; maps are ``[B, h, w]`` on the site's grid.
 """
 
@@ -19,85 +19,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import hub
-from .errors import AttnzooError, PretrainedUnavailable, SiteError, UnknownNameError
+from ..errors import AttnzooError, SiteError
 from .maps import MapRecorder, as_spatial
 from .registry import AttentionSpec, get_attention, parse_options, site_kwargs
-from .sites import BackboneInfo, Site, check_backbone, from_map, timm_model, to_map
-from .sites import introspect as _introspect
+from .sites import (
+    BackboneInfo,
+    Site,
+    check_backbone,
+    default_img_size,
+    from_map,
+    introspect,
+    resolve_sites,
+    to_map,
+)
+from .weights import build_backbone
 
 log = logging.getLogger("attnzoo")
 
 READOUT_KEY = "readout"
-
-
-def default_img_size(backbone: str) -> int:
-    import timm
-
-    check_backbone(backbone)
-    cfg = timm.models.get_pretrained_cfg(backbone)
-    size = getattr(cfg, "input_size", None) or (3, 224, 224)
-    return int(size[-1])
-
-
-def layers(backbone: str, img_size: int | None = None, all: bool = True) -> list[Site]:
-    """Insertable sites of ``backbone``: name, channels, stride, map size and the defaults.
-
-    ``all=False`` keeps the coarse ones (depth <= 2 and the feature levels), as ``attnzoo layers`` shows.
-    """
-    info = _introspect(backbone, img_size or default_img_size(backbone))
-    if all:
-        return list(info.sites)
-    return [s for s in info.sites if s.depth <= 2 or s.level is not None]
-
-
-def resolve_sites(info: BackboneInfo, at: str | int | Sequence[str | int] | None, kind: str) -> list[str]:
-    """Site names for ``at``; integers and digit strings are feature levels."""
-    if at is None:
-        return [s.name for s in info.sites if (s.default_tap if kind == "readout" else s.default_gate)]
-    items = [at] if isinstance(at, (str, int)) else list(at)
-    names = {s.name for s in info.sites}
-    out = []
-    for item in items:
-        if isinstance(item, int) or (isinstance(item, str) and item.lstrip("-").isdigit()):
-            i = int(item)
-            if not -len(info.levels) <= i < len(info.levels):
-                raise AttnzooError(
-                    f"feature level {i} is out of range for '{info.name}' "
-                    f"({len(info.levels)} levels: {', '.join(info.levels)})"
-                )
-            item = info.levels[i]
-        refused = dict(info.refused)
-        if item not in names and item in refused:
-            here = [s.name for s in info.sites if s.module == item]
-            raise SiteError(f"site '{item}' of '{info.name}' cannot take attention: {refused[item]}"
-                            + (f"; its sites: {', '.join(here)}" if here else ""))
-        if item not in names:
-            err = UnknownNameError(f"layer of '{info.name}'", item, names)
-            coarse = [s.name for s in info.sites if s.depth <= 1 or s.level is not None]
-            raise AttnzooError(
-                f"{err}. Feature levels: {', '.join(info.levels)}; other sites include: "
-                f"{', '.join(c for c in coarse if c not in info.levels)[:300]} "
-                f"(`attnzoo layers {info.name}` lists all {len(names)})"
-            )
-        if item in out:
-            raise AttnzooError(f"site '{item}' is given twice")
-        if kind == "gate" and not info.site(item).reaches_logits:
-            raise SiteError(f"site '{item}' of '{info.name}' is a side output that does not reach the logits "
-                            f"(timm keeps it for forward_intermediates): a gate there would change nothing; "
-                            f"a readout can read it")
-        shared = [o for o in out if info.site(o).module == info.site(item).module]
-        if shared:
-            raise AttnzooError(f"sites '{shared[0]}' and '{item}' are two outputs of one module "
-                               f"'{info.site(item).module}': attnzoo inserts at one of them")
-        out.append(item)
-    return out
 
 
 def _named(where: str, fn: Any, *args: Any) -> Any:
@@ -389,82 +333,6 @@ class AttentionModel(nn.Module):
         return maps
 
 
-def _build_backbone(backbone: str, num_classes: int, pretrained: bool, pretrained_file: str | None,
-                    **timm_kwargs: Any) -> nn.Module:
-    kwargs: dict[str, Any] = dict(num_classes=num_classes, **timm_kwargs)
-    if pretrained_file is not None:
-        kwargs["pretrained_cfg_overlay"] = dict(state_dict=load_weights_file(Path(pretrained_file)))
-        pretrained = True
-    offline = hub.unreachable() if pretrained and pretrained_file is None else None  # seconds, not a minute
-    try:
-        with hub.offline(offline is not None):
-            return timm_model(backbone, pretrained=pretrained, **kwargs)
-    except UnknownNameError:
-        raise
-    except RuntimeError as e:
-        if pretrained_file is not None and ("size mismatch" in str(e) or "Missing key" in str(e)):
-            first = str(e).strip().splitlines()[0:2]
-            raise AttnzooError(f"weights file {pretrained_file} does not fit '{backbone}': {' '.join(first)}") from e
-        if pretrained_file is None and pretrained:
-            raise PretrainedUnavailable(_offline_message(backbone, e, offline)) from e
-        raise
-    except Exception as e:
-        if pretrained_file is None and pretrained:
-            raise PretrainedUnavailable(_offline_message(backbone, e, offline)) from e
-        if pretrained_file is not None:
-            raise AttnzooError(f"cannot load weights file {pretrained_file}: {type(e).__name__}: {e}") from e
-        raise
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-
-
-def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a local file, never running code from it: safetensors, or a torch file read with
-    ``torch.load(weights_only=True)``; a file that needs full unpickling is refused with an explanation.
-    Checkpoints that wrap the weights (``state_dict``, ``model``, ``module.`` prefixes) are unwrapped."""
-    if not path.is_file():
-        raise AttnzooError(f"weights file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in WEIGHT_SUFFIXES:
-        raise AttnzooError(f"weights file {path} must be one of {', '.join(WEIGHT_SUFFIXES)}, got '{suffix}'")
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise AttnzooError(f"{path} is not a readable safetensors file: {type(e).__name__}: {e}") from None
-    import pickle
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), "")
-        raise AttnzooError(
-            f"{path} is not a plain weights file: loading it needs full unpickling, which can run any code the "
-            f"file contains, so attnzoo refuses it{f' ({detail})' if detail else ''}. If you trust the file, "
-            f"convert it once: python -c \"import torch; from safetensors.torch import save_file; "
-            f"save_file(torch.load('{path}', weights_only=False), 'weights.safetensors')\""
-        ) from None
-    except Exception as e:
-        raise AttnzooError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
-    for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise AttnzooError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def _offline_message(backbone: str, e: Exception, offline: str | None) -> str:
-    why = f"{offline}, and they are not in the local cache" if offline else " ".join(str(e).split()) or type(e).__name__
-    return (f"pretrained weights for '{backbone}' could not be fetched ({why}); "
-            f"train from scratch with --no-pretrained, or pass a local file with --weights FILE")
-
-
 def create_model(
     backbone: str,
     attn: str | None = None,
@@ -489,9 +357,9 @@ def create_model(
         raise AttnzooError(f"attention options given without an attention module: {', '.join(attn_kwargs)}")
     if spec is None and at is not None:
         raise AttnzooError("--at/at names sites for an attention module, but attn is 'none'")
-    info = _introspect(backbone, img_size or default_img_size(backbone))
+    info = introspect(backbone, img_size or default_img_size(backbone))
     sites = resolve_sites(info, at, spec.kind) if spec else []
-    model = _build_backbone(backbone, num_classes, pretrained, pretrained_file, **dict(info.timm_kwargs))
+    model = build_backbone(backbone, num_classes, pretrained, pretrained_file, **dict(info.timm_kwargs))
     modules: nn.Module | None = None
     if spec is not None and spec.kind == "gate":
         built = []

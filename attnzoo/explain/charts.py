@@ -1,6 +1,6 @@
 """Matplotlib figures of a run: learning curves, confusion matrix, perturbation curves and grouped bars.
 
-Each function returns a figure; ``viz.save_figure`` writes it."""
+Each function returns a figure; ``figures.save_figure`` writes it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from . import viz
+from . import figures
 from .metrics import curve_auc
 
 
@@ -17,7 +17,7 @@ def history_figure(rows: Sequence[dict[str, float]]) -> Any:
     """Train and valid loss per epoch, and the metrics on a second axis."""
     from matplotlib.ticker import MaxNLocator
 
-    fig = viz.new_figure(6.4, 3.6)
+    fig = figures.new_figure(6.4, 3.6)
     ax = fig.add_axes((0.1, 0.15, 0.78, 0.72))
     epochs = [r["epoch"] for r in rows]
     for key, style in (("train_loss", "-o"), ("valid_loss", "-s")):
@@ -46,7 +46,7 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str]) -> Any:
     """A confusion matrix with counts in the cells (rows: actual, columns: predicted)."""
     n = len(classes)
     side = max(3.6, 0.55 * n + 1.8)
-    fig = viz.new_figure(side + 0.8, side)
+    fig = figures.new_figure(side + 0.8, side)
     ax = fig.add_axes((0.22, 0.2, 0.62, 0.7))
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
@@ -74,7 +74,7 @@ def _style(name: str) -> dict[str, Any]:
 def curves_figure(curves: Mapping[str, Sequence[float]], mode: str = "deletion", title: str | None = None) -> Any:
     """Probability of the true class against the share of pixels deleted (or inserted), highest ranked first,
     per map."""
-    fig = viz.new_figure(6.4, 3.8)
+    fig = figures.new_figure(6.4, 3.8)
     ax = fig.add_axes((0.1, 0.14, 0.6, 0.74))
     for name, curve in curves.items():
         xs = np.linspace(0, 100, len(curve))
@@ -99,7 +99,7 @@ def bar_figure(groups: Sequence[str], series: Mapping[str, Sequence[float]], tit
     n, k = len(groups), max(1, len(series))
     plot_w = max(3.0, n * (0.35 * k + 0.5))
     fig_w = 0.8 + plot_w + 2.0  # room for the legend on the right
-    fig = viz.new_figure(fig_w, 3.8)
+    fig = figures.new_figure(fig_w, 3.8)
     ax = fig.add_axes((0.8 / fig_w, 0.24, plot_w / fig_w, 0.64))
     width = 0.8 / k
     for j, (name, values) in enumerate(series.items()):

@@ -1,6 +1,7 @@
-"""Plots and scores of a trained run: learning curves, confusion matrix, top losses, attention grids with
-Grad-CAM side by side, how well attention finds the object (``attnzoo.localize``), how faithful it is
-(deletion curves), and one self-contained HTML report.
+"""``interpret_run``: what ``attnzoo interpret`` does. Plots and scores of a trained run: learning curves,
+confusion matrix, top losses, attention grids with CAMs side by side, how well attention finds the object
+(``explain.boxes``, ``explain.metrics``), how faithful it is (deletion curves, ROAD, the sanity check), and one
+self-contained HTML report (``explain.report``).
 
 ``fit`` writes the basic plots into every run folder from a fastai ``Learner``; everything else works from a
 ``Run`` (``load_run``) or a bare model (``learn.model`` of a Learner), so a notebook can call it::
@@ -15,11 +16,7 @@ Grad-CAM side by side, how well attention finds the object (``attnzoo.localize``
 
 from __future__ import annotations
 
-import json
-import math
-import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +25,12 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from . import localize, metrics, trust, viz
-from .errors import AttnzooError
-from .explain import (
+from ..errors import AttnzooError
+from ..runs.folder import CONFIG, RunFolder
+from ..runs.predict import Run
+from . import figures, metrics, trust
+from .boxes import BOXES_FILE, has_boxes, load_boxes
+from .cams import (
     Progress,
     cam,
     cam_label,
@@ -42,15 +42,13 @@ from .explain import (
     randomized_model,
     road_scores,
 )
-from .figures import bar_figure, confusion_figure, curves_figure, history_figure, localization_figure
+from .charts import confusion_figure, curves_figure, history_figure, localization_figure
 from .metrics import confusion_matrix, most_confused
-from .report import best_map, score_table, time_per_epoch, write_report
-from .run import CONFIG, WEIGHTS, Run, RunFolder, load_run
+from .report import Interpretation, score_table, write_report
 
 __all__ = [
-    "Interpretation", "attention_rows", "cam_specs", "compare_figure", "compare_runs", "deletion_curves",
-    "display_image", "fit_plots", "gradcam", "interpret_run", "load_batch", "param_count", "sample_valid",
-    "show_attention", "update_config", "validation_set",
+    "attention_rows", "cam_specs", "deletion_curves", "display_image", "fit_plots", "gradcam", "interpret_run",
+    "load_batch", "sample_valid", "update_config", "validation_set",
 ]
 BOX_COLOR = (255, 255, 255)
 
@@ -66,39 +64,6 @@ def display_image(run: Run, path: str | Path, boxes: metrics.ImageBoxes | None =
 def load_batch(run: Run, paths: Sequence[str | Path]) -> torch.Tensor:
     """Images as the model's normalised input ``[B, 3, S, S]``."""
     return torch.stack([run.preprocess(run.load_image(p)) for p in paths])
-
-
-def show_attention(run: Run | str | Path, images: Sequence[str | Path], out: str | Path | None = None,
-                   top: int = 3, threads: int | str | None = None) -> list[tuple[Path, list[tuple[str, float]], Path]]:
-    """What ``attnzoo show-attention`` does: one PNG per image (the image, top predictions, every site's map).
-
-    ``run``: a ``Run``, or a run folder, loaded once the images and ``out`` are known to be usable.
-    ``out``: a ``.png`` file (one image) or a folder (default ``RUN/attention``). No file is written over:
-    see ``outputs.per_image_outputs``. ``threads``: as ``fit``'s. Returns ``(image, top predictions, file
-    written)`` per image."""
-    from .outputs import existing_files, per_image_outputs
-    from .threads import use_threads
-
-    if top < 1:
-        raise AttnzooError(f"--top must be at least 1, got {top}")
-    images = existing_files(images)
-    folder = Path(run.path or ".") if isinstance(run, Run) else Path(run)
-    targets, fresh = per_image_outputs(images, out, folder / "attention")
-    use_threads(threads)
-    if not isinstance(run, Run):
-        run = load_run(folder)
-    probs, maps = run.predict(images)
-    maps = trust.ordered(maps, run.config.get("maps"))  # the map that carries the decision first, labelled
-    tops = run.top(probs, top)
-    written = []
-    for i, (p, target) in enumerate(zip(images, targets)):
-        fig = viz.attention_figure(display_image(run, p), {k: v[i].numpy() for k, v in maps.items()}, tops[i],
-                                   title=f"{p.name}: {run.config.get('backbone')} + {run.config.get('attn')}")
-        try:
-            written.append((p, tops[i], viz.save_new_figure(fig, target, fresh=fresh)))
-        except OSError as e:  # a read-only run folder, a full disk: somewhere else may do
-            raise AttnzooError(f"cannot write {target}: {e.strerror or e}; choose another place with --out") from None
-    return written
 
 
 def sample_valid(items: Sequence[Path], n: int, seed: int = 0) -> list[Path]:
@@ -124,18 +89,18 @@ def fit_plots(learn: Any, run: Run, out: str | Path, rows: Sequence[dict[str, fl
     out = Path(out)
     written = []
     if rows:
-        written.append(viz.save_figure(history_figure(rows), out / "history.png"))
+        written.append(figures.save_figure(history_figure(rows), out / "history.png"))
     interp = ClassificationInterpretation.from_learner(learn)
-    written.append(viz.save_figure(confusion_figure(interp.confusion_matrix(), run.classes),
+    written.append(figures.save_figure(confusion_figure(interp.confusion_matrix(), run.classes),
                                    out / "confusion_matrix.png"))
     items = [Path(p) for p in learn.dls.valid.items]
     losses, idx = interp.top_losses(min(n, len(items)))
     top_paths = [items[i] for i in idx.tolist()]
     labels = [p.parent.name for p in top_paths]
     title = "top losses: " + ", ".join(f"{v:.2f}" for v in losses.tolist())
-    written.append(viz.save_figure(attention_rows(run, top_paths, labels, title), out / "top_losses.png"))
+    written.append(figures.save_figure(attention_rows(run, top_paths, labels, title), out / "top_losses.png"))
     sample = sample_valid(items, n)
-    written.append(viz.save_figure(
+    written.append(figures.save_figure(
         attention_rows(run, sample, [p.parent.name for p in sample],
                        f"{run.config.get('backbone')} + {run.config.get('attn')}: validation images"),
         out / "attention.png"))
@@ -148,7 +113,7 @@ def fit_plots(learn: Any, run: Run, out: str | Path, rows: Sequence[dict[str, fl
 def validation_set(run: Run, data: str | Path | None = None) -> Any:
     """The run's validation split (``DatasetInfo``): from ``data`` or the data root recorded in the run, split
     with the run's seed and validation share, as in training."""
-    from .data import find_dataset, resolve_data
+    from ..train.data import find_dataset, resolve_data
 
     recorded = run.config.get("data") or {}
     root = data if data is not None else recorded.get("root")
@@ -176,38 +141,6 @@ def validation_set(run: Run, data: str | Path | None = None) -> Any:
 def update_config(run_dir: str | Path, **entries: Any) -> dict[str, Any]:
     """Set top-level entries of the run's attnzoo.json, keeping everything else (read, modify, atomic write)."""
     return RunFolder(run_dir).update_config(**entries)
-
-
-@dataclass
-class Interpretation:
-    """What ``interpret_run`` measured and wrote. ``table``: every map (each attention map, each CAM, the random
-    map, chance) against every score, with its ``kind`` and ``flags`` (``report.score_table``)."""
-
-    out: Path
-    n_images: int
-    accuracy: float
-    confused: list[tuple[str, str, int]]
-    localization: dict[str, Any] | None
-    faithfulness: dict[str, Any]
-    files: dict[str, Path] = field(default_factory=dict)
-    table: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every number, for ``interpret --json``: strict JSON (a score not measured is null, never NaN)."""
-        return _finite(dict(accuracy=self.accuracy, images=self.n_images, most_confused=self.confused,
-                            table=self.table, localization=self.localization, faithfulness=self.faithfulness,
-                            files={k: str(v) for k, v in self.files.items()}))
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every NaN (at any depth) as None."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _noop(_task: str, _done: int, _total: int) -> None:
@@ -263,7 +196,7 @@ def attention_rows(run: Run, paths: Sequence[str | Path], labels: Sequence[str],
     images = [display_image(run, p, b) for p, b in zip(paths, boxes)]
     preds = [t[0][0] for t in top]
     conf = [t[0][1] for t in top]
-    return viz.attention_grid(images, {k: v.numpy() for k, v in maps.items()}, list(labels), preds, conf,
+    return figures.attention_grid(images, {k: v.numpy() for k, v in maps.items()}, list(labels), preds, conf,
                               title=title, max_rows=len(paths))
 
 
@@ -313,7 +246,7 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
         raise AttnzooError("road_images, sanity_images and tolerance must not be negative")
     specs = cam_specs(run.model, cams, cam_at, run.img_size)
     if out is not None and (run.path is None or Path(out).resolve() != Path(run.path).resolve()):
-        from .outputs import check_new_folder
+        from ..runs.outputs import check_new_folder
 
         check_new_folder(out)  # the run folder is attnzoo's own; any other holds nothing of the user's
     out = Path(out) if out is not None else Path(run.path)
@@ -328,14 +261,14 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
 
     rows = (run.config.get("metrics") or {}).get("per_epoch") or []
     if rows:
-        files["history"] = viz.save_figure(history_figure(rows), out / "history.png")
+        files["history"] = figures.save_figure(history_figure(rows), out / "history.png")
     cm = confusion_matrix(labels.tolist(), preds.tolist(), len(run.classes))
-    files["confusion"] = viz.save_figure(confusion_figure(cm, run.classes), out / "confusion_matrix.png")
+    files["confusion"] = figures.save_figure(confusion_figure(cm, run.classes), out / "confusion_matrix.png")
 
     boxes: list[metrics.ImageBoxes | None] = [None] * len(paths)
-    if localize.has_boxes(info.root):
+    if has_boxes(info.root):
         progress("boxes", 0, 1)
-        boxes = localize.load_boxes(info.root, paths, run.img_size)
+        boxes = load_boxes(info.root, paths, run.img_size)
     keep = [i for i, b in enumerate(boxes) if b is not None]  # scored for localisation
     chosen = [index[p] for p in sample_valid(paths, deletion_images, seed)]  # for the curves, ROAD, sanity
     need = sorted(set(keep) | set(chosen))
@@ -355,21 +288,21 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
         scores = metrics.score_maps(scored, kept, run.img_size, tolerance)
         scores["chance"] = {**metrics.random_baseline(kept, run.img_size, tolerance), "images": len(keep)}
         localization = dict(
-            images=len(keep), split="valid", boxes=str(Path(info.root) / localize.BOXES_FILE),
+            images=len(keep), split="valid", boxes=str(Path(info.root) / BOXES_FILE),
             tolerance=tolerance, iou_threshold=0.5, scores={k: {"kind": kinds[k], **v} for k, v in scores.items()},
         )
-        files["localization"] = viz.save_figure(localization_figure(localization), out / "localization.png")
+        files["localization"] = figures.save_figure(localization_figure(localization), out / "localization.png")
 
     progress("figures", 0, 2)
     sample = sample_valid(paths, n, seed)
     title = f"{run.config.get('backbone')} + {run.config.get('attn')}: where it looks"
-    files["attention"] = viz.save_figure(
+    files["attention"] = figures.save_figure(
         attention_rows(run, sample, [p.parent.name for p in sample], title, cams=specs,
                        boxes=[boxes[index[p]] for p in sample]), out / "attention_gradcam.png")
     progress("figures", 1, 2)
     losses = -probs[torch.arange(len(paths)), labels].clamp_min(1e-12).log()
     top = losses.topk(min(n, len(paths))).indices.tolist()
-    files["top_losses"] = viz.save_figure(
+    files["top_losses"] = figures.save_figure(
         attention_rows(run, [paths[i] for i in top], [paths[i].parent.name for i in top],
                        "top losses: " + ", ".join(f"{losses[i]:.2f}" for i in top), cams=specs,
                        boxes=[boxes[i] for i in top]), out / "top_losses.png")
@@ -397,7 +330,7 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
         kinds={k: kinds[k] for k in del_maps},
     )
     for mode in ("deletion", "insertion"):
-        files[mode] = viz.save_figure(
+        files[mode] = figures.save_figure(
             curves_figure(curves[mode], mode, f"{mode} curves ({len(chosen)} validation images)"), out / f"{mode}.png")
 
     result = Interpretation(out, len(paths), float((preds == labels).float().mean()),
@@ -413,52 +346,3 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
 
 
 # --------------------------------------------------------------------------- compare runs
-
-
-def param_count(weights: str | Path) -> int:
-    """Parameters in a safetensors file, from its header alone (normalisation running statistics excluded)."""
-    with open(weights, "rb") as f:
-        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-    skip = ("running_mean", "running_var", "num_batches_tracked")
-    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__" and not k.endswith(skip))
-
-
-def compare_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """One row per run folder (read from attnzoo.json and the safetensors header, no model is built): accuracy,
-    size, speed, the best attention map and the best CAM by the pointing game, flagged maps, and ``scores``,
-    the run's whole score table (``report.score_table``) when ``attnzoo interpret`` has scored it."""
-    out = []
-    for p in paths:
-        p = Path(p)
-        cfg = RunFolder(p).read_config()
-        final = (cfg.get("metrics") or {}).get("final") or {}
-        table = score_table(cfg.get("localization"), cfg.get("faithfulness"))
-        best, cam_row = best_map(table, ("tap", "gate", "attention")), best_map(table, ("cam", "grad-cam"))
-        nan = float("nan")
-        out.append(dict(
-            run=p.name, path=str(p), backbone=cfg.get("backbone"), attn=cfg.get("attn"), sites=cfg.get("sites") or [],
-            accuracy=final.get("accuracy", nan), valid_loss=final.get("valid_loss", nan),
-            params=param_count(p / WEIGHTS) if (p / WEIGHTS).is_file() else None,
-            time_per_epoch=time_per_epoch(cfg), epochs=len((cfg.get("metrics") or {}).get("per_epoch") or []),
-            best_site=best[0] if best else None,
-            pointing=best[1]["pointing"] if best else nan, energy=best[1]["energy"] if best else nan,
-            best_cam=cam_row[0] if cam_row else None,
-            cam_pointing=cam_row[1]["pointing"] if cam_row else nan,
-            cam_energy=cam_row[1]["energy"] if cam_row else nan,
-            random_pointing=table.get("random", {}).get("pointing", nan),
-            flagged={k: r["flags"] for k, r in table.items() if r["flags"]},
-            scores=table,
-        ))
-    return out
-
-
-def compare_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
-    """Accuracy and the localisation scores of several runs as grouped bars."""
-    names = [f"{r['run']}\n{r['backbone']} + {r['attn']}" for r in rows]
-    series = {"accuracy": [r["accuracy"] for r in rows]}
-    for key, label in (("pointing", "pointing (best site)"), ("energy", "energy (best site)"),
-                       ("cam_pointing", "pointing (best CAM)"), ("cam_energy", "energy (best CAM)")):
-        values = [r[key] for r in rows]
-        if not all(math.isnan(v) for v in values):
-            series[label] = values
-    return bar_figure(names, series, "runs compared", "validation score")

@@ -530,7 +530,7 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = DEFAULT_DPI) -> Path:
     Creates parent directories; a path without a suffix gets ``.png``.
     Returns the path written.
     """
-    from .run import _atomic_write
+    from ..runs.folder import _atomic_write
 
     out = Path(path)
     if not out.suffix:
@@ -572,7 +572,7 @@ def _close(fig: Figure) -> None:
 
 def save_new_figure(fig: Figure, path: str | Path, *, fresh: bool = True, dpi: int = DEFAULT_DPI) -> Path:
     """Save ``fig`` under a name no file has yet (``outputs.write_new``), then close it; returns the name."""
-    from .outputs import write_new
+    from ..runs.outputs import write_new
 
     out = Path(path)
     fmt = out.suffix.lstrip(".").lower() or "png"

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from .errors import AttnzooError, UnknownNameError
+from ..errors import AttnzooError, UnknownNameError
 
 #: Version of the module contract below; plugins may declare the range they support.
 PLUGIN_API_VERSION = "1.0"

@@ -51,8 +51,8 @@ from contextlib import redirect_stdout
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from ..errors import AttnzooError
 from . import registry
-from .errors import AttnzooError
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
@@ -420,7 +420,7 @@ class PluginManager:
         if self._dists is None:
             self._dists = _read_entry_points()
             if HOST not in self._dists:  # running from a source tree, not installed
-                from . import attention  # noqa: F401  (its modules register on import)
+                from .. import attention  # noqa: F401  (its modules register on import)
         if HOST in self._dists:  # the host's modules are not guests: all of them on the first lookup
             self._load_all(self._dists[HOST].entries)
         return self._dists

@@ -15,8 +15,7 @@ from __future__ import annotations
 import os
 import time
 
-from .config import cpu_budget
-from .errors import AttnzooError
+from ..errors import AttnzooError
 
 AUTO = "auto"
 SAMPLE_SECONDS = 0.25
@@ -82,3 +81,11 @@ def use_threads(threads: int | str | None, workers: int = 0) -> int | None:
 
     torch.set_num_threads(n)
     return n
+
+
+def cpu_budget() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

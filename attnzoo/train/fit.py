@@ -1,9 +1,4 @@
-"""``attention_learner``: a plain fastai ``Learner`` around ``create_model``, shaped like ``vision_learner``.
-
-Parameter groups: the backbone's body, then the inserted attention modules with the classifier. So
-``learn.freeze()`` (fastai freezes all groups but the last) trains the attention and the head while a
-pretrained body stays fixed; fastai's default splitter would freeze the attention too.
-"""
+"""``fit``: what ``attnzoo fit`` does, a training run from settings to a finished run folder."""
 
 from __future__ import annotations
 
@@ -11,253 +6,20 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from fastai.callback.core import Callback
-from fastai.learner import Learner
-from fastai.losses import CrossEntropyLossFlat
-from fastai.metrics import accuracy
-from fastai.optimizer import Adam
 
-from . import distributed
-from .config import RESUME_MAY_SET, FitConfig
-from .errors import AttnzooError, Interrupted, TrainingFailed
-from .model import AttentionModel, create_model
-from .run import RunFolder
+from ..errors import AttnzooError, Interrupted, TrainingFailed
+from ..runs.folder import RunFolder
+from . import callbacks, distributed
+from .callbacks import History, RichProgress, _task_progress
+from .learner import _phases, attention_learner, suggest_lr
+from .settings import RESUME_MAY_SET, FitConfig
 
 log = logging.getLogger("attnzoo")
-
-
-def attention_splitter(model: AttentionModel) -> list[list[torch.nn.Parameter]]:
-    """[body], [attention modules + classifier]."""
-    head = [p for m in model.attention_modules() for p in m.parameters()]
-    classifier = model.backbone.get_classifier()
-    if isinstance(classifier, torch.nn.Module):
-        head += list(classifier.parameters())
-    ids = {id(p) for p in head}
-    body = [p for p in model.backbone.parameters() if id(p) not in ids]
-    return [body, head]
-
-
-def _img_size(dls: Any) -> int:
-    size = getattr(dls, "attnzoo_img_size", None)
-    if size is None:
-        size = dls.one_batch()[0].shape[-1]
-    return int(size)
-
-
-def attention_learner(
-    dls: Any,
-    backbone: str,
-    attn: str | None = None,
-    at: Any = None,
-    pretrained: bool = True,
-    pretrained_file: str | None = None,
-    loss_func: Any = None,
-    metrics: Any = accuracy,
-    opt_func: Any = Adam,
-    lr: float = 1e-3,
-    cbs: Any = None,
-    wd: float | None = None,
-    mixed_precision: str | None = "auto",
-    channels_last: bool | None = None,
-    compile: bool = False,
-    **attn_kwargs: Any,
-) -> Learner:
-    """A fastai ``Learner`` training ``backbone`` with ``attn`` at ``at``; every fastai habit still works.
-
-    ``mixed_precision``: ``"auto"`` (bf16 on a GPU that supports it, else fp16 on GPU, none on CPU),
-    ``"bf16"``, ``"fp16"`` or ``None``. ``channels_last``: default on for GPUs. ``compile``: ``torch.compile``
-    the model in place (``nn.Module.compile``: state-dict keys unchanged).
-    With pretrained weights the body starts frozen (``learn.unfreeze()`` when you want it trained).
-    """
-    model = create_model(backbone, attn, at, num_classes=dls.c, pretrained=pretrained,
-                         pretrained_file=pretrained_file, img_size=_img_size(dls), **attn_kwargs)
-    if compile:
-        import torch._dynamo as dynamo  # (a plain `import torch._dynamo` would make `torch` local here)
-
-        # gates are modules in the graph (model.SiteModule), but NanGuard watches attention modules through forward
-        # hooks, and dynamo skips guards on hooks by default: keep them guarded, so no graph is reused across hooks
-        dynamo.config.skip_nnmodule_hook_guards = False
-        model.compile()
-    learn = Learner(dls, model, loss_func=loss_func or CrossEntropyLossFlat(), opt_func=opt_func, lr=lr,
-                    splitter=attention_splitter, cbs=cbs, metrics=metrics, wd=wd)
-    learn.add_cb(FlushDenormals())
-    learn.attnzoo = dict(backbone=backbone, attn=model.attn, sites=model.sites, pretrained=bool(
-        pretrained or pretrained_file), attn_options=attn_kwargs)
-    if pretrained or pretrained_file:
-        learn.freeze()
-    on_gpu = getattr(dls, "device", None) is not None and torch.device(dls.device).type == "cuda"
-    if mixed_precision == "auto":
-        mixed_precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else None
-    if mixed_precision == "bf16":
-        learn.to_bf16()
-    elif mixed_precision == "fp16":
-        learn.to_fp16()
-    elif mixed_precision is not None:
-        raise ValueError(f"mixed_precision must be auto, bf16, fp16 or None, got {mixed_precision!r}")
-    if channels_last if channels_last is not None else on_gpu:
-        learn.to_channelslast(use_amp=False)  # mixed precision, if any, was added just above
-    return learn
-
-
-def train(learn: Learner, epochs: int, lr: float | None = None, freeze_epochs: int = 1) -> None:
-    """``fit_one_cycle``; with pretrained weights, ``freeze_epochs`` with the body frozen first (like ``fine_tune``)."""
-    for frozen, n, phase_lr in _phases(getattr(learn, "attnzoo", {}).get("pretrained", False), epochs,
-                                       freeze_epochs, lr or learn.lr):
-        learn.freeze() if frozen else learn.unfreeze()
-        learn.fit_one_cycle(n, phase_lr)
-
-
-def suggest_lr(learn: Learner, num_it: int = 100) -> float:
-    """fastai's ``lr_find`` valley, without its plot. Its scratch copy of the weights (a pickle fastai writes
-    under ``learn.path``, by default the data folder) goes to a temporary folder, removed after."""
-    import tempfile
-
-    path = learn.path
-    with tempfile.TemporaryDirectory(prefix="attnzoo-lr-find-") as scratch:
-        learn.path = Path(scratch)
-        try:
-            with learn.no_bar(), learn.removed_cbs([c for c in learn.cbs if isinstance(c, (RichProgress, History))]):
-                return float(learn.lr_find(num_it=num_it, show_plot=False).valley)
-        finally:
-            learn.path = path
-
-
-class FlushDenormals(Callback):
-    """Flush denormal floats to zero on the CPU while fitting, then back.
-
-    Weights whose gradients are of rounding size (the layers after lpa-pc's last tap: its softmax cancels the
-    global feature's share of every score) drive Adam's second moment below 1.2e-38, and x86 arithmetic on
-    such denormal floats is many times slower (``benchmarks/denormal.py``). GPUs are unaffected.
-
-    OpenMP's worker threads copy the mode when they start: if torch has already run a parallel op in this
-    process (a notebook that ran a forward pass), call ``torch.set_flush_denormal(True)`` before that instead.
-    After the fit the mode is what it was before."""
-
-    order = -10
-
-    def before_fit(self) -> None:
-        self._was = bool(torch.tensor([1e-39]).mul(1.0) == 0)  # flushing already? (torch has no getter)
-        self._set = torch.set_flush_denormal(True)
-
-    def after_fit(self) -> None:
-        if getattr(self, "_set", False):
-            torch.set_flush_denormal(self._was)
-            self._set = False
-
-
-class History(Callback):
-    """Per-epoch train loss, valid loss, metrics and seconds, across every fit of the Learner."""
-
-    order = 60  # after the Recorder
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
-
-    def before_epoch(self) -> None:
-        self._start = time.perf_counter()
-        self._skipped = False
-
-    def after_cancel_epoch(self) -> None:
-        self._skipped = True  # an epoch fastai's SkipToEpoch passes over on resume, or a cancelled one
-
-    def after_epoch(self) -> None:
-        if self._skipped:
-            return
-        names = [n for n in self.recorder.metric_names[1:-1]]
-        values = self.recorder.values[-1] if self.recorder.values else []
-        row = {"epoch": len(self.rows) + 1}
-        for n, v in zip(names, values):
-            row[n] = float(v)
-        row["time"] = time.perf_counter() - self._start
-        self.rows.append(row)
-
-
-@contextlib.contextmanager
-def _task_progress(console: Any, description: str) -> Iterator[Callable[[int, int], None]]:
-    """A ``progress(done, total)`` callback that shows a rich bar on ``console`` from its first call, if any."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console, transient=True, disable=console is not None and not console.is_terminal)
-    task = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task(description, total=total)
-        bar.update(task, completed=done)
-
-    try:
-        yield update
-    finally:
-        bar.stop()
-
-
-class RichProgress(Callback):
-    """A rich progress display for epochs and batches, and one table row per epoch (replaces fastai's bars)."""
-
-    order = 61
-
-    def __init__(self, console: Any = None, total_epochs: int | None = None) -> None:
-        from rich.console import Console
-
-        self.console = console or Console(stderr=True)
-        self.total_epochs = total_epochs
-        self.done = 0
-
-    def before_fit(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=self.console,
-                                 transient=True, disable=not self.console.is_terminal)  # no bars into a log
-        total = self.total_epochs or self.n_epoch
-        self.progress.start()
-        self.epoch_task = self.progress.add_task("epochs", total=total, completed=self.done, info="")
-        self.batch_task = self.progress.add_task("batches", total=None, info="", visible=False)  # until a loader
-        self._columns: list[str] | None = None
-
-    def before_train(self) -> None:
-        self.progress.reset(self.batch_task, total=len(self.dl), description="train", info="", visible=True)
-
-    def before_validate(self) -> None:
-        self.progress.reset(self.batch_task, total=len(self.dl), description="valid", info="", visible=True)
-
-    def after_batch(self) -> None:
-        info = f"loss {self.smooth_loss.item():.3f}" if self.training else ""
-        self.progress.update(self.batch_task, advance=1, info=info)
-
-    def before_epoch(self) -> None:
-        self._skipped = False
-
-    def after_cancel_epoch(self) -> None:
-        self._skipped = True
-
-    def after_epoch(self) -> None:
-        if self._skipped:
-            return
-        self.done += 1
-        self.progress.update(self.epoch_task, completed=self.done)
-        hist = next((c for c in self.learn.cbs if isinstance(c, History)), None)
-        if hist is not None and hist.rows:  # the epoch table, a row at a time, its header before the first
-            row = hist.rows[-1]
-            if self._columns is None:
-                self._columns = list(row)
-                self.progress.console.print("  ".join(f"{k:>10}" for k in self._columns), style="bold",
-                                            highlight=False)
-            cells = [f"{row.get(k, float('nan')):>10.4f}" for k in self._columns]
-            cells[0], cells[-1] = f"{row['epoch']:>10}", f"{row['time']:>9.1f}s"
-            self.progress.console.print("  ".join(cells), highlight=False)
-
-    def after_fit(self) -> None:
-        self.progress.stop()
 
 
 def fit(
@@ -290,7 +52,7 @@ def fit(
     Under ``torchrun`` / ``accelerate launch`` every process trains on its shard of the data (``bs`` is per
     process) and rank 0 alone reports and writes the run folder; ``sync_bn`` syncs batch norm (CUDA only).
     """
-    from .run import CONFIG
+    from ..runs.folder import CONFIG
 
     if config is None:
         given = dict(backbone=backbone, attn=attn, data=data, **settings)
@@ -353,13 +115,6 @@ def _new_run_dir(backbone: str, attn: str | None, out: str | None, runs_dir: str
     return folder
 
 
-def _phases(pretrained: bool, epochs: int, freeze_epochs: int, lr: float) -> list[tuple[bool, int, Any]]:
-    """(frozen, epochs, lr) per ``fit_one_cycle``: like ``fine_tune`` when pretrained."""
-    if pretrained and freeze_epochs > 0:
-        return [(True, freeze_epochs, lr), (False, epochs, slice(lr / 100, lr / 2))]
-    return [(False, epochs, lr)]
-
-
 def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | None, console: Any, on_data: Any,
          on_epoch_table: Any) -> Path:
     """``resumed``: the run's ``attnzoo.json`` when continuing a run, else None."""
@@ -367,12 +122,13 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
     from fastai.callback.progress import ProgressCallback
     from fastai.torch_core import get_model, set_seed
 
-    from . import checkpoint as ck
-    from . import interpret
+    from ..explain import interpret
+    from ..model.registry import get_attention, parse_options
+    from ..model.sites import check_backbone, default_img_size, introspect, resolve_sites
+    from ..runs.folder import SKIPPED, WEIGHTS
+    from ..runs.predict import Run
+    from . import checkpoints as ck
     from .data import find_dataset, image_dataloaders, resolve_data
-    from .model import _introspect, check_backbone, default_img_size, resolve_sites
-    from .registry import get_attention, parse_options
-    from .run import SKIPPED, WEIGHTS, Run
     from .threads import use_threads
 
     resume = resumed is not None
@@ -383,7 +139,7 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
         settings = replace(settings, img_size=64 if settings.data == "demo" else default_img_size(settings.backbone))
     s = settings
     options = parse_options(s.attn, s.attn_options) if s.attn else {}
-    sites = resolve_sites(_introspect(s.backbone, s.img_size), s.at, get_attention(s.attn).kind) if s.attn else []
+    sites = resolve_sites(introspect(s.backbone, s.img_size), s.at, get_attention(s.attn).kind) if s.attn else []
     backbone, attn, data, epochs, lr, bs, img_size = s.backbone, s.attn, s.data, s.epochs, s.lr, s.bs, s.img_size
     pretrained, weights, valid_pct, seed, freeze_epochs = s.pretrained, s.weights, s.valid_pct, s.seed, s.freeze_epochs
     checkpoints, num_workers, sync_bn, compile = s.checkpoints, s.num_workers, s.sync_bn, s.compile
@@ -459,7 +215,7 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
     total = sum(n for _, n, _ in phases)
     progress = RichProgress(console, total_epochs=total)
     progress.done = done
-    stop = ck.StopOnSignal().install()
+    stop = callbacks.StopOnSignal().install()
     offset = 0
     failure: str | None = None
     blamed: list[str] = []
@@ -469,15 +225,15 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
                 offset += n
                 continue
             learn.freeze() if frozen else learn.unfreeze()  # fastai clears the optimiser state here
-            guard = ck.NanGuard(epoch_offset=offset)
-            saver = ck.Checkpoints(run_dir, history, epoch_offset=offset, best=best)
+            guard = callbacks.NanGuard(epoch_offset=offset)
+            saver = callbacks.Checkpoints(run_dir, history, epoch_offset=offset, best=best)
             saver.enabled = checkpoints and distributed.is_main()
             cbs = [progress, stop, guard, saver]
             start = max(0, done - offset)
             if resume and state:
                 if start > 0:  # mid-phase: the optimiser state and fastai's smoothed loss carry on
                     ck.load_optimizer(learn.opt, tensors, state["optimizer"], next(learn.model.parameters()).device)
-                    cbs.append(ck.RestoreSmoothLoss(*state["smooth_loss"]))
+                    cbs.append(callbacks.RestoreSmoothLoss(*state["smooth_loss"]))
                 ck.set_rng_state(learn, state["rng"])
                 state, tensors = {}, {}
             with learn.added_cbs(cbs), training:
@@ -526,7 +282,7 @@ def _fit(settings: FitConfig, *, folder: RunFolder, resumed: dict[str, Any] | No
     if distributed.is_main():
         with distributed.alone():  # fastai must not gather now: rank 0 finishes the run folder by itself
             if attn:
-                from . import trust
+                from ..explain import trust
 
                 try:
                     config["maps"] = trust.from_learner(learn, info, img_size)  # which map carries the decision

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import AttnzooError, UnknownNameError
+from ..errors import AttnzooError, UnknownNameError
+from ..model.create import AttentionModel
+from ..model.sites import layers, to_map
+from ..runs.predict import Run
 from .metrics import upsample_map
-from .model import AttentionModel, layers, to_map
-from .run import Run
 
 Progress = Callable[[str, int, int], None]  # (task, done, total)
 Target = int | Sequence[int] | torch.Tensor | None

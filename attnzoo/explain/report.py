@@ -7,17 +7,15 @@ import html
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from ..runs.folder import _atomic_write
+from ..runs.predict import Run
 from .metrics import flags
-from .run import Run, _atomic_write
-
-if TYPE_CHECKING:
-    from .interpret import Interpretation
 
 
 def _data_uri(path: Path) -> str:
@@ -316,3 +314,35 @@ def best_map(scores: Mapping[str, Any], kinds: Sequence[str]) -> tuple[str, dict
     found = [(k, v) for k, v in scores.items()
              if v.get("kind") in kinds and not math.isnan(v.get("pointing", math.nan))]
     return max(found, key=lambda kv: kv[1]["pointing"]) if found else None
+
+
+@dataclass
+class Interpretation:
+    """What ``interpret_run`` measured and wrote. ``table``: every map (each attention map, each CAM, the random
+    map, chance) against every score, with its ``kind`` and ``flags`` (``report.score_table``)."""
+
+    out: Path
+    n_images: int
+    accuracy: float
+    confused: list[tuple[str, str, int]]
+    localization: dict[str, Any] | None
+    faithfulness: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+    table: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every number, for ``interpret --json``: strict JSON (a score not measured is null, never NaN)."""
+        return _finite(dict(accuracy=self.accuracy, images=self.n_images, most_confused=self.confused,
+                            table=self.table, localization=self.localization, faithfulness=self.faithfulness,
+                            files={k: str(v) for k, v in self.files.items()}))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN (at any depth) as None."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -17,7 +17,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import AttnzooError
+from ..errors import AttnzooError
+from .threads import check_threads, cpu_budget
 
 MAX_EPOCHS = 10_000
 MAX_IMG_SIZE = 4096
@@ -31,14 +32,6 @@ MAX_LR = 10.0
 RESUME_MAY_SET = ("resume", "num_workers", "threads")
 # what a run's request does not hold: where the run goes
 NOT_REQUESTED = ("out", "runs_dir", "resume")
-
-
-def cpu_budget() -> int:
-    """CPUs this process may run on (its affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def flag(name: str) -> str:
@@ -164,8 +157,6 @@ class FitConfig:
             if _whole_number(self.num_workers) and self.num_workers < 0:
                 raise AttnzooError(f"workers must be 0 or more, got {self.num_workers}")
             self._whole("num_workers", 0, cpus, "the CPUs this process may use", label="workers")
-        from .threads import check_threads
-
         set_("threads", check_threads(self.threads))
         if not isinstance(self.valid_pct, numbers.Real) or not 0 < self.valid_pct < 1:
             raise AttnzooError(f"valid_pct must be between 0 and 1, got {self.valid_pct!r}")

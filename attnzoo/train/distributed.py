@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .errors import AttnzooError
+from ..errors import AttnzooError
 
 _state = {"owned": False}  # whether setup() created the process group (and teardown() should destroy it)
 

@@ -88,7 +88,7 @@ def decision_shares(model: Any, batches: Iterable[tuple[torch.Tensor, torch.Tens
 def verdicts(shares: Mapping[str, Mapping[str, float]], maps: Mapping[str, torch.Tensor] | None = None,
              boxes: Sequence[Any] | None = None, image_size: int | None = None) -> dict[str, dict[str, Any]]:
     """Per site: ``share`` and ``drop`` (``decision_shares``), and with ``maps`` ``[N, h, w]`` and their images'
-    ``boxes`` (``localize.load_boxes``), ``pointing``, ``chance`` (a random map's pointing) and ``flags``
+    ``boxes`` (``explain.boxes.load_boxes``), ``pointing``, ``chance`` (a random map's pointing) and ``flags``
     (``metrics.flags``: ``inverted``, ``flat``). Ordered by share, the map that carries the decision first."""
     out: dict[str, dict[str, Any]] = {s: dict(v) for s, v in shares.items()}
     if maps is not None and boxes is not None and any(b is not None for b in boxes):
@@ -130,7 +130,7 @@ def from_learner(learn: Any, info: Any, img_size: int, limit: int = 512) -> dict
     boxes of ``info.root/boxes.csv`` when there is one: what ``fit`` records under ``maps`` in ``attnzoo.json``."""
     from fastai.torch_core import get_model
 
-    from . import localize
+    from .boxes import has_boxes, load_boxes
 
     model = get_model(learn.model)
     batches, n = [], 0
@@ -144,7 +144,7 @@ def from_learner(learn: Any, info: Any, img_size: int, limit: int = 512) -> dict
     maps: dict[str, list[torch.Tensor]] = {}
     shares = decision_shares(model, batches, maps)  # one pass gives the maps too
     boxes = None
-    if localize.has_boxes(info.root):
-        boxes = localize.load_boxes(info.root, list(learn.dls.valid.items)[:n], img_size)
+    if has_boxes(info.root):
+        boxes = load_boxes(info.root, list(learn.dls.valid.items)[:n], img_size)
     return {s: finite(v) for s, v in verdicts(shares, {k: torch.cat(v) for k, v in maps.items()}, boxes,
                                                img_size).items()}

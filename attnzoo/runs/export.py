@@ -24,8 +24,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .errors import AttnzooError
-from .model import AttentionModel
+from ..errors import AttnzooError
+from ..model.create import AttentionModel
 from .outputs import check_new_file, write_new
 
 log = logging.getLogger("attnzoo")
@@ -69,7 +69,7 @@ class Exported:
 
 
 def _model_and_meta(run_or_model: Any) -> tuple[AttentionModel, dict[str, str], str]:
-    from .run import Run, load_run
+    from .predict import Run, load_run
 
     if isinstance(run_or_model, (str, os.PathLike)):
         run_or_model = load_run(run_or_model)

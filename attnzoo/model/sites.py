@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AttnzooError, SiteError, UnknownNameError
+from ..errors import AttnzooError, SiteError, UnknownNameError
 
 PROBE_BATCH = 2  # not 1: window and head reshapes ([B * windows, N, C]) then show in the batch dimension
 HEAD_PREFIXES = ("head", "fc", "classifier", "pre_logits")
@@ -537,3 +537,66 @@ def _cpu_index(order: tuple[int, ...]) -> torch.Tensor:
 
 def _index(order: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return _cpu_index(order).to(device)
+
+
+def default_img_size(backbone: str) -> int:
+    import timm
+
+    check_backbone(backbone)
+    cfg = timm.models.get_pretrained_cfg(backbone)
+    size = getattr(cfg, "input_size", None) or (3, 224, 224)
+    return int(size[-1])
+
+
+def layers(backbone: str, img_size: int | None = None, all: bool = True) -> list[Site]:
+    """Insertable sites of ``backbone``: name, channels, stride, map size and the defaults.
+
+    ``all=False`` keeps the coarse ones (depth <= 2 and the feature levels), as ``attnzoo layers`` shows.
+    """
+    info = introspect(backbone, img_size or default_img_size(backbone))
+    if all:
+        return list(info.sites)
+    return [s for s in info.sites if s.depth <= 2 or s.level is not None]
+
+
+def resolve_sites(info: BackboneInfo, at: str | int | Sequence[str | int] | None, kind: str) -> list[str]:
+    """Site names for ``at``; integers and digit strings are feature levels."""
+    if at is None:
+        return [s.name for s in info.sites if (s.default_tap if kind == "readout" else s.default_gate)]
+    items = [at] if isinstance(at, (str, int)) else list(at)
+    names = {s.name for s in info.sites}
+    out = []
+    for item in items:
+        if isinstance(item, int) or (isinstance(item, str) and item.lstrip("-").isdigit()):
+            i = int(item)
+            if not -len(info.levels) <= i < len(info.levels):
+                raise AttnzooError(
+                    f"feature level {i} is out of range for '{info.name}' "
+                    f"({len(info.levels)} levels: {', '.join(info.levels)})"
+                )
+            item = info.levels[i]
+        refused = dict(info.refused)
+        if item not in names and item in refused:
+            here = [s.name for s in info.sites if s.module == item]
+            raise SiteError(f"site '{item}' of '{info.name}' cannot take attention: {refused[item]}"
+                            + (f"; its sites: {', '.join(here)}" if here else ""))
+        if item not in names:
+            err = UnknownNameError(f"layer of '{info.name}'", item, names)
+            coarse = [s.name for s in info.sites if s.depth <= 1 or s.level is not None]
+            raise AttnzooError(
+                f"{err}. Feature levels: {', '.join(info.levels)}; other sites include: "
+                f"{', '.join(c for c in coarse if c not in info.levels)[:300]} "
+                f"(`attnzoo layers {info.name}` lists all {len(names)})"
+            )
+        if item in out:
+            raise AttnzooError(f"site '{item}' is given twice")
+        if kind == "gate" and not info.site(item).reaches_logits:
+            raise SiteError(f"site '{item}' of '{info.name}' is a side output that does not reach the logits "
+                            f"(timm keeps it for forward_intermediates): a gate there would change nothing; "
+                            f"a readout can read it")
+        shared = [o for o in out if info.site(o).module == info.site(item).module]
+        if shared:
+            raise AttnzooError(f"sites '{shared[0]}' and '{item}' are two outputs of one module "
+                               f"'{info.site(item).module}': attnzoo inserts at one of them")
+        out.append(item)
+    return out
