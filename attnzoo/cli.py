@@ -16,7 +16,6 @@ from typing import Annotated, Any
 import typer
 
 from .errors import AttnzooError, Interrupted, TrainingFailed
-from .train.settings import DEFAULTS as _FIT
 
 app = typer.Typer(
     name="attnzoo",
@@ -80,69 +79,38 @@ Threads = Annotated[str, typer.Option(help="Torch CPU threads: a number, or 'aut
                                            "using (one thread on a busy 2-core machine).")]
 
 
-@app.command()
-def fit(
-    ctx: typer.Context,
-    backbone: Annotated[str | None, typer.Option(help="Any timm model name, e.g. resnet18, vgg16_bn, "
-                                                      "convnext_tiny. Required unless --resume.")] = None,
-    attn: Annotated[str | None, typer.Option(help="Attention module (`attnzoo list`), or 'none' for the "
-                                                  "baseline. Required unless --resume.")] = None,
-    data: Annotated[str | None, typer.Option(help="Image folder (train/ + valid/, Intel seg_train/, or class "
-                                                  "folders), or 'demo' for the built-in synthetic set. "
-                                                  "Required unless --resume.")] = None,
-    at: Annotated[list[str] | None, typer.Option(help="Site(s) from `attnzoo layers BACKBONE`, or feature-level "
-                                                      "indices (-2 = the level before the last). Repeatable.")] = None,
-    attn_arg: Annotated[list[str] | None, typer.Option(help="Module option KEY=VALUE (see `attnzoo list`). "
-                                                            "Repeatable, once per key.")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs (after the frozen ones when pretrained).")] = _FIT["epochs"],
-    lr: Annotated[str, typer.Option(help="Learning rate, or 'auto' for fastai's lr_find.")] = str(_FIT["lr"]),
-    bs: Annotated[int, typer.Option(help="Batch size, per process under torchrun / accelerate launch.")]
-    = _FIT["bs"],
-    img_size: Annotated[int | None, typer.Option(help="Images are resized to this, 16 to 4096 (default: the "
-                                                      "backbone's; 64 for demo).")] = None,
-    pretrained: Annotated[bool, typer.Option(help="Start from timm's pretrained weights.")] = _FIT["pretrained"],
-    weights: Annotated[Path | None, typer.Option(help="Local backbone weights (.safetensors/.pth state dict).")] = None,
-    valid_pct: Annotated[float, typer.Option(help="Validation share when the folder has no valid/ split.")]
-    = _FIT["valid_pct"],
-    freeze_epochs: Annotated[int, typer.Option(help="Epochs with the pretrained body frozen, before the rest.")]
-    = _FIT["freeze_epochs"],
-    seed: Annotated[int, typer.Option(help="Random seed (data split, init, order), 0 to 2**32-1.")] = _FIT["seed"],
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers, at most the CPU count (default: 0 on "
-                                                     "CPU, up to 8 on GPU).")] = None,
-    threads: Threads = "auto",
-    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<backbone>-<attn>-<time>); "
-                                                  "must not exist yet.")] = None,
-    checkpoints: Annotated[bool, typer.Option(help="Keep checkpoints/last and checkpoints/best up to date after "
-                                                   "every epoch (needed for --resume).")] = _FIT["checkpoints"],
-    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run folder from its last "
-                                                     "checkpoint, with its own settings.")] = None,
-    sync_bn: Annotated[bool, typer.Option("--sync-bn", help="Under torchrun / accelerate launch on GPUs: batch "
-                                                             "norm statistics over all processes.")] = False,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (pays off on GPUs for long "
-                                                            "runs; see benchmarks/RESULTS.md).")] = False,
-) -> None:
+def _settings_options(names: Any = None) -> list[Any]:
+    """The command's parameters for the fit settings (``train.settings.cli_settings``: one declaration), each a
+    typer option with the setting's flag, type, default and help."""
+    import inspect
+
+    from .train.settings import cli_settings
+
+    return [inspect.Parameter(s.param, inspect.Parameter.KEYWORD_ONLY, default=s.default,
+                              annotation=Annotated[s.type, typer.Option(*s.decls, help=s.help)])
+            for s in cli_settings() if names is None or s.name in names]
+
+
+def _typed(ctx: typer.Context) -> dict[str, Any]:
+    """The options typed on the command line, not their defaults (``--resume`` refuses any other setting, even
+    one typed at its default value)."""
+    return {n: v for n, v in ctx.params.items() if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}
+
+
+def fit(ctx: typer.Context, **options: Any) -> None:
     """Train BACKBONE with attention ATTN on DATA and write a run folder (or --resume one)."""
-    from .train.settings import FitConfig, parse_attn_args
+    from .train.settings import FitConfig, from_cli
 
-    # the options typed, not their defaults: --resume refuses any other setting, even one typed at its default
-    given = {n: v for n, v in ctx.params.items()
-             if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}
-    if "resume" not in given:
-        missing = [f"--{n}" for n in ("backbone", "attn", "data") if n not in given]
-        if missing:
-            raise AttnzooError(f"fit needs {', '.join(missing)} (or --resume RUN)")
-    given.setdefault("threads", threads)  # 'auto' unless typed: Python callers leave torch's setting alone
-    if "attn_arg" in given:
-        given["attn_arg"] = parse_attn_args(given["attn_arg"])
-    renamed = {"workers": "num_workers", "attn_arg": "attn_options"}
-    config = FitConfig.of(**{renamed.get(n, n): v for n, v in given.items()})  # before torch is imported
+    given = from_cli(_typed(ctx))
+    given.setdefault("threads", options["threads"])  # 'auto' unless typed: Python callers leave torch alone
+    config = FitConfig.of(**given)  # every check that needs no torch, before torch is imported
 
+    from .runs.folder import SKIPPED
     from .train.distributed import is_main
     from .train.fit import fit as fit_run
 
     console = _console()
     err = _console(stderr=True)
-
     example: list[Path] = []  # a validation image, for the hint at the end
 
     def on_data(info: Any, run_dir: Path) -> None:
@@ -157,7 +125,7 @@ def fit(
             shown = "; ".join(f"{Path(p).name}: {r}" for p, r in info.skipped[:3])
             more = f"; and {len(info.skipped) - 3} more" if len(info.skipped) > 3 else ""
             err.print(f"[yellow]warning:[/] skipped {len(info.skipped)} files that cannot be used ({shown}{more}); "
-                      f"all listed in {run_dir / 'skipped.txt'}", soft_wrap=True)
+                      f"all listed in {run_dir / SKIPPED}", soft_wrap=True)
 
     try:
         run_dir = fit_run(config=config, console=err, on_data=on_data)
@@ -177,6 +145,19 @@ def fit(
         for what, command in (("see where it looks", f"attnzoo show-attention {image} --run {run}"),
                               ("score its maps", f"attnzoo interpret {run}")):
             console.print(f"next, {what}: {escape(command)}", soft_wrap=True)
+
+
+def _command_with_settings(function: Any, settings: Any = None, **typer_kwargs: Any) -> None:
+    """Register ``function(ctx, **options)`` as a command whose options are the fit settings (``settings``: the
+    names to take, default all)."""
+    import inspect
+
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    function.__signature__ = inspect.Signature([context, *_settings_options(settings)])
+    app.command(**typer_kwargs)(function)
+
+
+_command_with_settings(fit)
 
 
 def _predict(images: list[Path], run: Path | None, top: int, threads: str) -> tuple[Any, list, dict]:

@@ -29,12 +29,12 @@ def attnzoo_cmd() -> list[str]:
 
 
 def tiny_folder(root: Path) -> Path:
-    from attnzoo.train.demo import DEMO_CLASSES, _sample_rng, render_sample
+    from attnzoo.train.demo import DEMO_CLASSES, render_sample, sample_rng
 
     for ci, cls in enumerate(DEMO_CLASSES[:2]):
         (root / cls).mkdir(parents=True)
         for i in range(8):
-            img, _ = render_sample(_sample_rng(0, "train", ci, i), cls, 32)
+            img, _ = render_sample(sample_rng(0, "train", ci, i), cls, 32)
             img.save(root / cls / f"{cls}_{i}.png")
     return root
 

@@ -32,7 +32,7 @@ import common
 
 def jpeg_folder(n: int, size: int) -> Path:
     """``n`` demo pictures as JPEGs (quality 90) in class folders; made once, reused after."""
-    from attnzoo.train.demo import DEMO_CLASSES, _sample_rng, demo_root, render_sample
+    from attnzoo.train.demo import DEMO_CLASSES, demo_root, render_sample, sample_rng
 
     root = demo_root().parent / f"benchmark-jpeg-{size}px-{n}"
     if (root / "done").is_file():
@@ -40,7 +40,7 @@ def jpeg_folder(n: int, size: int) -> Path:
     for i in range(n):
         ci = i % len(DEMO_CLASSES)
         cls = DEMO_CLASSES[ci]
-        img, _ = render_sample(_sample_rng(0, "train", ci, i), cls, size)
+        img, _ = render_sample(sample_rng(0, "train", ci, i), cls, size)
         (root / cls).mkdir(parents=True, exist_ok=True)
         img.save(root / cls / f"{cls}_{i:05d}.jpg", quality=90)
     (root / "done").write_text("")

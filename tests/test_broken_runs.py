@@ -89,7 +89,7 @@ def test_a_batch_larger_than_the_training_set_is_lowered_with_a_warning(small, t
     run = attnzoo.fit("test_resnet", "none", str(small), pretrained=False, epochs=1, img_size=32,
                       out=str(tmp_path / "run"))  # the default batch, 32
     config = json.loads((run / "attnzoo.json").read_text())
-    assert config["train"]["bs"] == 12
+    assert config["request"]["bs"] == 12
     assert any("--bs 32" in w and "12 training images" in w for w in config["warnings"])
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in config["metrics"]["per_epoch"])
 
@@ -128,7 +128,7 @@ def test_predict_refuses_to_print_nan_probabilities(tiny_run, tiny_folder):
 
 
 def test_the_best_epochs_weights_are_stored_once(tiny_folder, tmp_path):
-    from attnzoo.train.checkpoints import BEST
+    from attnzoo.runs.folder import BEST
 
     run = attnzoo.fit("test_resnet", "none", str(tiny_folder), pretrained=False, epochs=2, bs=8, img_size=32,
                       out=str(tmp_path / "run"))

@@ -57,7 +57,7 @@ def test_requests_of_older_runs_still_load():
     (dict(bs=9, img_size=4096), "pixels per batch"),
 ])
 def test_settings_are_checked_when_the_config_is_made(settings, message):
-    settings = {"backbone": "test_resnet", "attn": "sagan", **settings}
+    settings = {"backbone": "test_resnet", "attn": "sagan", "data": "demo", **settings}
     if message is None:
         FitConfig(**settings)
     else:

@@ -145,7 +145,7 @@ def test_saved_boxes_are_where_the_objects_are(small_set: pathlib.Path) -> None:
     for r in _read_rows(small_set):
         split, cls, name = r["image"].split("/")
         index = int(name.rsplit("_", 1)[1].split(".")[0])
-        rng = demo._sample_rng(0, split, DEMO_CLASSES.index(cls), index)
+        rng = demo.sample_rng(0, split, DEMO_CLASSES.index(cls), index)
         plain, box = render_sample(rng, cls, SMALL["size"], plain=True)
         assert box == tuple(int(r[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
         obj = np.asarray(plain).any(axis=2)

@@ -168,12 +168,12 @@ def test_inductor_compile_gives_eagers_logits_and_maps():
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
-    from attnzoo.runs.folder import save_run
+    from attnzoo.runs.folder import RunFolder
 
     model = opened("test_resnet", "sagan")
     config = dict(backbone="test_resnet", attn="sagan", attn_options={}, sites=model.sites, classes=["a", "b", "c"],
                   img_size=32, mean=[0.5] * 3, std=[0.25] * 3)
-    return save_run(tmp_path_factory.mktemp("runs") / "tiny-sagan", model, config)
+    return RunFolder(tmp_path_factory.mktemp("runs") / "tiny-sagan").save(model, config)
 
 
 def cli(capsys, *args: str) -> tuple[int, str]:

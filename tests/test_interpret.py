@@ -20,7 +20,7 @@ from attnzoo.explain.cams import CAM_METHODS, cam, cam_methods, gradcam_site
 from attnzoo.explain.compare import compare_runs
 from attnzoo.explain.interpret import deletion_curves, gradcam, load_batch
 from attnzoo.explain.metrics import confusion_matrix, curve_auc, most_confused, score_maps
-from attnzoo.runs.folder import save_run
+from attnzoo.runs.folder import RunFolder
 
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
 
@@ -170,7 +170,7 @@ def make_run(path: Path, data: Path, attn: str | None) -> Path:
                             counts={"train": dict.fromkeys(COLOURS, 1), "valid": dict.fromkeys(COLOURS, 2)}))
     history = [{"epoch": 1, "train_loss": 1.1, "valid_loss": 1.0, "accuracy": 0.4, "time": 3.0},
                {"epoch": 2, "train_loss": 1.0, "valid_loss": 0.9, "accuracy": 0.5, "time": 5.0}]
-    return save_run(path, model, config, history)
+    return RunFolder(path).save(model, config, history)
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,8 @@ def test_swapping_two_classes_changes_the_fingerprint_not_the_counts(tmp_path):
 
 def test_resume_refuses_data_whose_classes_swapped(tmp_path):
     import attnzoo
-    from attnzoo.train.checkpoints import LAST, save_checkpoint
+    from attnzoo.runs.folder import LAST
+    from attnzoo.train.checkpoints import save_checkpoint
 
     data = make_folder(tmp_path / "data", n=4, size=16)
     run = attnzoo.fit("test_resnet", "none", str(data), pretrained=False, epochs=1, bs=4, img_size=32,

@@ -13,7 +13,7 @@ from PIL import Image
 
 import attnzoo
 from attnzoo.errors import AttnzooError
-from attnzoo.runs.folder import RunFolder, latest_run, save_run, write_config
+from attnzoo.runs.folder import RunFolder, latest_run
 from attnzoo.runs.predict import Run, load_run
 
 
@@ -22,7 +22,7 @@ def make_run(path, attn="lpa-dp", **options) -> Run:
     model = attnzoo.create_model("test_resnet", attn, num_classes=3, img_size=32, **options).eval()
     config = dict(backbone="test_resnet", attn=attn, attn_options=options, sites=model.sites,
                   classes=["a", "b", "c"], img_size=32, mean=[0.5] * 3, std=[0.25] * 3)
-    save_run(path, model, config, [{"epoch": 1, "train_loss": 1.0, "valid_loss": 0.9, "accuracy": 0.5}])
+    RunFolder(path).save(model, config, [{"epoch": 1, "train_loss": 1.0, "valid_loss": 0.9, "accuracy": 0.5}])
     return Run(model, config["classes"], 32, (0.5,) * 3, (0.25,) * 3, config, path)
 
 
@@ -141,9 +141,9 @@ def test_a_released_claim_leaves_nothing_and_a_written_run_keeps_its_folder(tmp_
     folder.release()
     assert not (tmp_path / "r").exists()
     folder = RunFolder.claim(tmp_path / "r")
-    folder.write_config({"status": "training"})
+    folder.start({"status": "training"})
     folder.release()
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["attnzoo.json"]  # the claim went with the config
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["attnzoo.json"]  # the lock went, the run stays
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def test_files_are_written_with_the_users_umask(tmp_path, umask, mask):
     umask(mask)
     run = make_run(tmp_path / "r")
     save_checkpoint(tmp_path / "r" / "checkpoints" / "last.safetensors", None, run.model, {"epoch": 1})
-    RunFolder(tmp_path / "r").write_skipped([("x.png", "broken")])
+    RunFolder(tmp_path / "r").start(run.config, [("x.png", "broken")])
     viz.save_figure(bar_figure(["a"], {"s": [1.0]}, "t", "y"), tmp_path / "r" / "plot.png")
     for name in ("attnzoo.json", "model.safetensors", "history.csv", "skipped.txt", "plot.png",
                  "checkpoints/last.safetensors"):
@@ -176,7 +176,7 @@ def test_skipped_names_with_tabs_newlines_and_undecodable_bytes_read_back_as_wri
                (os.fsdecode(b"data/cat/two\nlines \"q\".jpg"), "cannot be decoded"),
                (os.fsdecode(b"data/caf\xe9/x\xff.png"), "empty file")]
     folder = RunFolder(tmp_path)
-    folder.write_skipped(skipped)
+    folder.start({}, skipped)
     assert folder.read_skipped() == skipped
     assert b"caf\xe9/x\xff.png" in (tmp_path / "skipped.txt").read_bytes()  # the name's own bytes
 
@@ -197,7 +197,7 @@ def test_json_with_undecodable_bytes_in_names_round_trips(tmp_path):
     name = os.fsdecode(b"caf\xe9")
     run = make_run(tmp_path / "r")
     config = {**run.config, "classes": [name, "b", "c"]}
-    write_config(tmp_path / "r", config)
+    RunFolder(tmp_path / "r").update(classes=config["classes"])
     assert load_run(tmp_path / "r").classes == [name, "b", "c"]
 
 

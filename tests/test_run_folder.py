@@ -13,7 +13,7 @@ import pytest
 from conftest import make_folder
 
 from attnzoo.errors import AttnzooError, TrainingFailed
-from attnzoo.runs.folder import CLAIM, RunFolder
+from attnzoo.runs.folder import LOCK, RunFolder
 from attnzoo.runs.predict import load_run
 from attnzoo.train.fit import fit
 
@@ -33,14 +33,14 @@ def test_two_fits_started_together_on_one_folder_give_it_to_one(tiny_folder, tmp
     loser = next(err for code, err in results if code == 2)
     assert "another attnzoo fit" in loser or "not empty" in loser
     assert json.loads((out / "attnzoo.json").read_text())["status"] == "done"
-    assert not (out / CLAIM).exists()
+    assert not (out / LOCK).exists()
 
 
 def test_fit_into_a_folder_another_run_holds_is_refused_and_leaves_it_alone(tiny_folder, tmp_path):
     RunFolder.claim(tmp_path / "r")
     with pytest.raises(AttnzooError, match="another attnzoo fit"):
         fit(**TINY, data=str(tiny_folder), out=str(tmp_path / "r"))
-    assert os.listdir(tmp_path / "r") == [CLAIM]
+    assert os.listdir(tmp_path / "r") == [LOCK]
 
 
 def test_a_fit_that_fails_before_training_leaves_no_folder(tmp_path):
@@ -109,17 +109,16 @@ def test_show_attention_into_a_read_only_run_folder_is_one_line_suggesting_out(t
 def test_interpret_scores_are_added_to_a_valid_config_keeping_the_training_versions(tmp_path):
     from test_run import make_run
 
-    from attnzoo.explain.interpret import update_config
 
     make_run(tmp_path / "r")
     path = tmp_path / "r" / "attnzoo.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "versions": {"attnzoo": "0.0.1"}}))
-    config = update_config(tmp_path / "r", faithfulness={"auc": {"random": 0.5}})
+    config = RunFolder(tmp_path / "r").update(faithfulness={"auc": {"random": 0.5}})
     assert config == json.loads(path.read_text())
     assert config["versions"] == {"attnzoo": "0.0.1"} and config["faithfulness"] == {"auc": {"random": 0.5}}
     path.write_text(json.dumps({**config, "img_size": "32"}))
     with pytest.raises(AttnzooError, match="img_size"):
-        update_config(tmp_path / "r", faithfulness={})
+        RunFolder(tmp_path / "r").update(faithfulness={})
 
 
 def test_compare_reads_runs_against_the_same_schema(tmp_path):
@@ -138,38 +137,34 @@ def test_compare_reads_runs_against_the_same_schema(tmp_path):
 def test_one_process_trains_in_a_run_folder_at_a_time(tmp_path):
     import socket
 
-    from attnzoo.runs.folder import TRAINING
-
     folder = RunFolder(tmp_path)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (tmp_path / TRAINING).write_text(f"{socket.gethostname()} {sleeper.pid}")
+        (tmp_path / LOCK).write_text(f"{socket.gethostname()} {sleeper.pid}")
         with pytest.raises(AttnzooError, match=f"pid {sleeper.pid}"):
             folder.lock()
     finally:
         sleeper.kill()
         sleeper.wait()
     folder.lock()  # its process is gone: a stale lock is taken over
-    assert (tmp_path / TRAINING).read_text().split()[1] == str(os.getpid())
+    assert (tmp_path / LOCK).read_text().split()[1] == str(os.getpid())
     folder.unlock()
-    assert not (tmp_path / TRAINING).exists()
+    assert not (tmp_path / LOCK).exists()
 
 
 def test_resume_of_a_run_another_process_trains_is_refused_and_touches_nothing(tiny_run, tmp_path):
     import shutil
     import socket
 
-    from attnzoo.runs.folder import TRAINING
-
     run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     config = json.loads((run / "attnzoo.json").read_text())
     (run / "attnzoo.json").write_text(json.dumps({**config, "status": "training"}))
     stale = run / ".model.safetensors.0123abcd.tmp"  # the other process's file being written
     stale.write_bytes(b"x")
-    (run / TRAINING).write_text(f"{socket.gethostname()} {os.getppid()}")  # a live process
+    (run / LOCK).write_text(f"{socket.gethostname()} {os.getppid()}")  # a live process
     with pytest.raises(AttnzooError, match="is training in"):
         fit(resume=str(run))
-    assert stale.exists() and (run / TRAINING).exists()
+    assert stale.exists() and (run / LOCK).exists()
 
 
 def test_a_run_that_never_starts_leaves_no_runs_folder_either(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import attnzoo
-from attnzoo.runs.folder import save_run
+from attnzoo.runs.folder import RunFolder
 from attnzoo.runs.predict import load_run
 
 
@@ -96,7 +96,7 @@ def test_timm_data_config_of_a_run_reproduces_its_predictions(tmp_path):
     model = attnzoo.create_model("test_resnet", "softmask-sigmoid", num_classes=3, img_size=40).eval()
     config = dict(backbone="test_resnet", attn="softmask-sigmoid", attn_options={}, sites=model.sites,
                   classes=["a", "b", "c"], img_size=40, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3])
-    save_run(tmp_path / "r", model, config)
+    RunFolder(tmp_path / "r").save(model, config)
     run = load_run(tmp_path / "r")
     gen = torch.Generator().manual_seed(0)
     images = []

@@ -530,14 +530,14 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = DEFAULT_DPI) -> Path:
     Creates parent directories; a path without a suffix gets ``.png``.
     Returns the path written.
     """
-    from ..runs.folder import _atomic_write
+    from ..runs.outputs import replace
 
     out = Path(path)
     if not out.suffix:
         out = out.with_suffix(".png")
     try:
         _drawable_text(fig)
-        _atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=dpi, bbox_inches="tight",
+        replace(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=dpi, bbox_inches="tight",
                                                    pad_inches=0.08, facecolor="white"))
     finally:
         _close(fig)

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from ..errors import AttnzooError
-from ..runs.folder import CONFIG, RunFolder
+from ..runs.folder import CONFIG, PLOTS, REPORT, RunFolder
 from ..runs.predict import Run
 from . import figures, metrics, trust
 from .boxes import BOXES_FILE, has_boxes, load_boxes
@@ -48,7 +48,7 @@ from .report import Interpretation, score_table, write_report
 
 __all__ = [
     "attention_rows", "cam_specs", "deletion_curves", "display_image", "fit_plots", "gradcam", "interpret_run",
-    "load_batch", "sample_valid", "update_config", "validation_set",
+    "load_batch", "sample_valid", "validation_set",
 ]
 BOX_COLOR = (255, 255, 255)
 
@@ -83,27 +83,31 @@ def sample_valid(items: Sequence[Path], n: int, seed: int = 0) -> list[Path]:
 
 
 def fit_plots(learn: Any, run: Run, out: str | Path, rows: Sequence[dict[str, float]], n: int = 6) -> list[Path]:
-    """history.png, confusion_matrix.png, top_losses.png and attention.png into ``out``."""
-    from fastai.interpret import ClassificationInterpretation
+    """history.png, confusion_matrix.png, top_losses.png and attention.png into ``out``, from the Learner's
+    validation loader (as fastai's ``ClassificationInterpretation`` reads it, without calling its callbacks)."""
+    from fastai.torch_core import get_model
 
     out = Path(out)
     written = []
     if rows:
-        written.append(figures.save_figure(history_figure(rows), out / "history.png"))
-    interp = ClassificationInterpretation.from_learner(learn)
-    written.append(figures.save_figure(confusion_figure(interp.confusion_matrix(), run.classes),
-                                   out / "confusion_matrix.png"))
+        written.append(figures.save_figure(history_figure(rows), out / PLOTS["history"]))
+    model = get_model(learn.model).eval()
+    with torch.no_grad():
+        outputs = [(model(x).float(), y) for x, y in trust.valid_batches(learn)]
+    logits, targets = torch.cat([o for o, _ in outputs]), torch.cat([y for _, y in outputs])
+    cm = confusion_matrix(targets.tolist(), logits.argmax(-1).tolist(), len(run.classes))
+    written.append(figures.save_figure(confusion_figure(cm, run.classes), out / PLOTS["confusion"]))
     items = [Path(p) for p in learn.dls.valid.items]
-    losses, idx = interp.top_losses(min(n, len(items)))
+    losses, idx = torch.nn.functional.cross_entropy(logits, targets, reduction="none").topk(min(n, len(items)))
     top_paths = [items[i] for i in idx.tolist()]
     labels = [p.parent.name for p in top_paths]
     title = "top losses: " + ", ".join(f"{v:.2f}" for v in losses.tolist())
-    written.append(figures.save_figure(attention_rows(run, top_paths, labels, title), out / "top_losses.png"))
+    written.append(figures.save_figure(attention_rows(run, top_paths, labels, title), out / PLOTS["top_losses"]))
     sample = sample_valid(items, n)
     written.append(figures.save_figure(
         attention_rows(run, sample, [p.parent.name for p in sample],
                        f"{run.config.get('backbone')} + {run.config.get('attn')}: validation images"),
-        out / "attention.png"))
+        out / PLOTS["attention"]))
     return written
 
 
@@ -136,11 +140,6 @@ def validation_set(run: Run, data: str | Path | None = None) -> Any:
     if not info.valid:
         raise AttnzooError(f"no validation images in {info.root}")
     return info
-
-
-def update_config(run_dir: str | Path, **entries: Any) -> dict[str, Any]:
-    """Set top-level entries of the run's attnzoo.json, keeping everything else (read, modify, atomic write)."""
-    return RunFolder(run_dir).update_config(**entries)
 
 
 def _noop(_task: str, _done: int, _total: int) -> None:
@@ -261,9 +260,9 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
 
     rows = (run.config.get("metrics") or {}).get("per_epoch") or []
     if rows:
-        files["history"] = figures.save_figure(history_figure(rows), out / "history.png")
+        files["history"] = figures.save_figure(history_figure(rows), out / PLOTS["history"])
     cm = confusion_matrix(labels.tolist(), preds.tolist(), len(run.classes))
-    files["confusion"] = figures.save_figure(confusion_figure(cm, run.classes), out / "confusion_matrix.png")
+    files["confusion"] = figures.save_figure(confusion_figure(cm, run.classes), out / PLOTS["confusion"])
 
     boxes: list[metrics.ImageBoxes | None] = [None] * len(paths)
     if has_boxes(info.root):
@@ -291,21 +290,21 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
             images=len(keep), split="valid", boxes=str(Path(info.root) / BOXES_FILE),
             tolerance=tolerance, iou_threshold=0.5, scores={k: {"kind": kinds[k], **v} for k, v in scores.items()},
         )
-        files["localization"] = figures.save_figure(localization_figure(localization), out / "localization.png")
+        files["localization"] = figures.save_figure(localization_figure(localization), out / PLOTS["localization"])
 
     progress("figures", 0, 2)
     sample = sample_valid(paths, n, seed)
     title = f"{run.config.get('backbone')} + {run.config.get('attn')}: where it looks"
     files["attention"] = figures.save_figure(
         attention_rows(run, sample, [p.parent.name for p in sample], title, cams=specs,
-                       boxes=[boxes[index[p]] for p in sample]), out / "attention_gradcam.png")
+                       boxes=[boxes[index[p]] for p in sample]), out / PLOTS["attention_cams"])
     progress("figures", 1, 2)
     losses = -probs[torch.arange(len(paths)), labels].clamp_min(1e-12).log()
     top = losses.topk(min(n, len(paths))).indices.tolist()
     files["top_losses"] = figures.save_figure(
         attention_rows(run, [paths[i] for i in top], [paths[i].parent.name for i in top],
                        "top losses: " + ", ".join(f"{losses[i]:.2f}" for i in top), cams=specs,
-                       boxes=[boxes[i] for i in top]), out / "top_losses.png")
+                       boxes=[boxes[i] for i in top]), out / PLOTS["top_losses"])
 
     x = x_need[[need.index(i) for i in chosen]]
     del_maps = {name: m[chosen] for name, m in maps.items()}
@@ -331,7 +330,7 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
     )
     for mode in ("deletion", "insertion"):
         files[mode] = figures.save_figure(
-            curves_figure(curves[mode], mode, f"{mode} curves ({len(chosen)} validation images)"), out / f"{mode}.png")
+            curves_figure(curves[mode], mode, f"{mode} curves ({len(chosen)} validation images)"), out / PLOTS[mode])
 
     result = Interpretation(out, len(paths), float((preds == labels).float().mean()),
                             most_confused(cm, run.classes), localization, faithfulness, files,
@@ -340,8 +339,8 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
         entries: dict[str, Any] = {"faithfulness": faithfulness}
         if localization is not None:
             entries["localization"] = localization
-        run.config = update_config(run.path, **entries)
-    files["report"] = write_report(run, result, out / "report.html")
+        run.config = RunFolder(run.path).update(**entries)
+    files["report"] = write_report(run, result, out / REPORT)
     return result
 
 

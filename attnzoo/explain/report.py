@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runs.folder import _atomic_write
+from ..runs.outputs import replace
 from ..runs.predict import Run
 from .metrics import flags
 
@@ -203,7 +203,7 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
     files = result.files
     metrics = cfg.get("metrics") or {}
     rows = metrics.get("per_epoch") or []
-    train = cfg.get("train") or {}
+    train = cfg.get("request") or cfg.get("train") or {}  # (older runs recorded "train")
     data = cfg.get("data") or {}
     counts = data.get("counts") or {}
     sites = ", ".join(cfg.get("sites") or []) or "none (baseline)"
@@ -304,7 +304,7 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
         '<p class="muted">Written by <code>attnzoo interpret</code>.</p></body></html>',
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: tmp.write_text("\n".join(p for p in parts if p), encoding="utf-8"))
+    replace(path, lambda tmp: tmp.write_text("\n".join(p for p in parts if p), encoding="utf-8"))
     return path
 
 

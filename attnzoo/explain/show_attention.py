@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import AttnzooError
+from ..runs.folder import FIGURES
 from ..runs.predict import Run, load_run
 from . import figures, trust
 from .interpret import display_image
@@ -26,7 +27,7 @@ def show_attention(run: Run | str | Path, images: Sequence[str | Path], out: str
         raise AttnzooError(f"--top must be at least 1, got {top}")
     images = existing_files(images)
     folder = Path(run.path or ".") if isinstance(run, Run) else Path(run)
-    targets, fresh = per_image_outputs(images, out, folder / "attention")
+    targets, fresh = per_image_outputs(images, out, folder / FIGURES)
     use_threads(threads)
     if not isinstance(run, Run):
         run = load_run(folder)

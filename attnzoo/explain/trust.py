@@ -125,6 +125,19 @@ def finite(verdict: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in verdict.items()}
 
 
+def valid_batches(learn: Any, limit: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fastai Learner's validation batches (images, class indices), in the order of its items, as plain tensors:
+    read straight from the loader, so no callback of a fit that may be running is called again."""
+    batches, n = [], 0
+    for x, y in learn.dls.valid:  # not shuffled
+        keep = len(y) if limit is None else limit - n
+        batches.append((x[:keep].as_subclass(torch.Tensor), y[:keep].as_subclass(torch.Tensor)))
+        n += len(batches[-1][1])
+        if limit is not None and n >= limit:
+            break
+    return batches
+
+
 def from_learner(learn: Any, info: Any, img_size: int, limit: int = 512) -> dict[str, dict[str, Any]]:
     """``verdicts`` of a trained fastai Learner's attention maps on (up to ``limit``) validation images, with the
     boxes of ``info.root/boxes.csv`` when there is one: what ``fit`` records under ``maps`` in ``attnzoo.json``."""
@@ -133,12 +146,8 @@ def from_learner(learn: Any, info: Any, img_size: int, limit: int = 512) -> dict
     from .boxes import has_boxes, load_boxes
 
     model = get_model(learn.model)
-    batches, n = [], 0
-    for x, y in learn.dls.valid:  # not shuffled: in the order of its items; fastai's tensor types dropped
-        batches.append((x[: limit - n].as_subclass(torch.Tensor), y[: limit - n].as_subclass(torch.Tensor)))
-        n += len(batches[-1][1])
-        if n >= limit:
-            break
+    batches = valid_batches(learn, limit)
+    n = sum(len(y) for _, y in batches)
     if not batches or not model.sites:
         return {}
     maps: dict[str, list[torch.Tensor]] = {}

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import AttnzooError
 from ..model.create import AttentionModel
+from .folder import CONFIG
 from .outputs import check_new_file, write_new
 
 log = logging.getLogger("attnzoo")
@@ -174,7 +175,7 @@ def _pt2(wrapper: WithMaps, example: torch.Tensor, checks: list[torch.Tensor], e
          tmp: Path, meta: dict[str, str], atol: float, rtol: float) -> float:
     with torch.no_grad():
         program = torch.export.export(wrapper, (example,), dynamic_shapes=_dynamic_batch())
-    torch.export.save(program, str(tmp), extra_files={"attnzoo.json": json.dumps(meta)})
+    torch.export.save(program, str(tmp), extra_files={CONFIG: json.dumps(meta)})
     loaded = torch.export.load(str(tmp)).module()
     worst = 0.0
     with torch.no_grad():

@@ -1,17 +1,21 @@
-"""The run folder: what ``fit`` writes and ``load_run`` reads. JSON and safetensors only, never a pickle.
+"""The run folder: what ``fit`` writes and every other command reads. This module is its one owner: every
+file name below is spelled here and nowhere else, ``attnzoo.json`` is read and written against one schema
+(``RunConfig``), and the run's status moves through ``RunFolder``'s lifecycle methods. JSON and safetensors only,
+never a pickle; no torch at import (the weights are written through safetensors when a run ends).
 
-    runs/<name>/attnzoo.json       config, classes, preprocessing, versions, metrics, skipped files
-    runs/<name>/model.safetensors  the weights
-    runs/<name>/history.csv        one row per epoch
-    runs/<name>/skipped.txt        the files training left out: tab-separated path and reason, CSV quoting
-    runs/<name>/*.png              plots
+    attnzoo.json                  what the run is (backbone, module, sites, classes, preprocessing), how it was
+                                  asked for (``request``), how it went (status, metrics, best, maps, warnings)
+    model.safetensors             the weights
+    history.csv                   one row per epoch
+    skipped.txt                   the files training left out: tab-separated path and reason, CSV quoting
+    checkpoints/last.safetensors  while training: model, optimiser, random states (``train.checkpoints``)
+    checkpoints/best.safetensors  the best epoch's weights, unless they are model.safetensors
+    config.json, README.md        the Hub face of a finished run (``runs.hub``)
+    *.png, report.html            plots; ``attention/`` show-attention's figures
+    .attnzoo-lock                 "host pid" of the process that claimed the folder and trains in it, while it does
 
-``RunFolder`` owns it: it claims a folder for a new run (an exclusive create, so two runs started together
-never share one), reads ``attnzoo.json`` against one schema (``RunConfig``), and writes every file to a
-temporary name that is renamed into place (a crash never leaves half a file; the mode follows the umask).
-
-Loading needs neither fastai nor torchvision: preprocessing is PIL + torch, as in training (squash
-resize, then the backbone's normalisation).
+Every file is written to a temporary name and renamed into place (``outputs.replace``): a crash never leaves
+half a file, and the mode follows the umask.
 """
 
 from __future__ import annotations
@@ -22,65 +26,40 @@ import json
 import os
 import re
 import socket
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+import struct
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import numpy as np
-import torch
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..train.data import RUN_MARKER
 from ..errors import AttnzooError
-from ..model.create import AttentionModel, create_model
-from .outputs import write_temporary
+from ..train.settings import MAX_IMG_SIZE, MIN_IMG_SIZE, FitConfig
+from .outputs import replace, replace_text
 
-CONFIG = RUN_MARKER  # attnzoo.json: data.py, which must not import torch, keeps the name
+CONFIG = "attnzoo.json"
 WEIGHTS = "model.safetensors"
 HISTORY = "history.csv"
 SKIPPED = "skipped.txt"
-CLAIM = ".attnzoo-claim"  # exists only while a new run folder is claimed and its attnzoo.json not yet written
-TRAINING = ".attnzoo-training"  # "host pid" of the process training in the folder, while it does
+LOCK = ".attnzoo-lock"
+CHECKPOINTS = "checkpoints"
+LAST = f"{CHECKPOINTS}/last.safetensors"
+BEST = f"{CHECKPOINTS}/best.safetensors"
+HUB_CONFIG = "config.json"
+MODEL_CARD = "README.md"
+REPORT = "report.html"
+FIGURES = "attention"  # show-attention's default folder
+PLOTS = {
+    "history": "history.png", "confusion": "confusion_matrix.png", "top_losses": "top_losses.png",
+    "attention": "attention.png", "attention_cams": "attention_gradcam.png", "localization": "localization.png",
+    "deletion": "deletion.png", "insertion": "insertion.png",
+}
 FORMAT_VERSION = 1
-# temporary files in a run folder: attnzoo's ".NAME.XXXXXXXX.tmp" (the shape tempfile.mkstemp gave them before
-# too), and ".tmpXXXXXX", where safetensors writes a file before renaming it onto attnzoo's
+STATUSES = ("training", "interrupted", "failed", "done")
+# temporary files in a run folder: attnzoo's ".NAME.XXXXXXXX.tmp" (outputs.write_temporary), and ".tmpXXXXXX",
+# where safetensors writes a file before renaming it onto attnzoo's
 _TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|\.tmp[A-Za-z0-9]{6}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp_path)`` then rename: a crash never leaves a half-written file behind; the file gets the
-    mode the user's umask gives (``outputs.write_temporary``)."""
-    tmp = write_temporary(Path(path), write)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Text as UTF-8; file names that are not UTF-8 (surrogate escapes) keep their original bytes."""
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
-
-
-def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]], dialect: str = "excel") -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, dialect=dialect, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
+_MAX_JSON_DEPTH = 64  # attnzoo.json nests a few levels; a forged file thousands deep is refused, not recursed into
 
 
 def versions() -> dict[str, str]:
@@ -116,8 +95,47 @@ class Metrics(_Strict):
     final: dict[str, Any] = Field(default_factory=dict)
 
 
+class Best(_Strict):
+    """The epoch with the best monitored score, and the file holding its weights."""
+
+    epoch: int = Field(ge=1)
+    monitor: str
+    score: Finite
+    weights: Literal["model.safetensors", "checkpoints/best.safetensors"] | None = None
+
+
+class MapVerdict(_Strict):
+    """One attention map's record (``explain.trust``): its share of the decision, and with boxes its pointing."""
+
+    share: float | None = None
+    pointing: float | None = None
+    chance: float | None = None
+    flags: list[str] = Field(default_factory=list)
+
+
+def _request_model() -> type[BaseModel]:
+    """The schema of ``request``: the requested settings of ``FitConfig``, with their types (one declaration)."""
+    import dataclasses
+    import typing
+
+    from pydantic import create_model
+
+    hints = typing.get_type_hints(FitConfig)
+    specs: dict[str, Any] = {f.name: (typing.Optional[hints[f.name]], None)  # noqa: UP045 (a runtime type)
+                             for f in dataclasses.fields(FitConfig) if f.metadata["requested"]}
+    return create_model("Request", __base__=_Lenient, **specs)
+
+
+class _Lenient(BaseModel):
+    # a request holds what FitConfig checks when it is rebuilt; a newer attnzoo's settings are kept
+    model_config = ConfigDict(extra="allow")
+
+
+Request = _request_model()
+
+
 class RunConfig(_Strict):
-    """``attnzoo.json``: every field attnzoo reads, with its type; ``load_run`` and ``--resume`` check it."""
+    """``attnzoo.json``: every field attnzoo writes, with its type; its bounds are ``fit``'s."""
 
     format: int = Field(FORMAT_VERSION, ge=1)
     status: Literal["training", "interrupted", "failed", "done"] | None = None
@@ -126,17 +144,19 @@ class RunConfig(_Strict):
     attn_options: dict[str, Any] = Field(default_factory=dict)
     sites: list[str] = Field(default_factory=list)
     classes: list[str] = Field(min_length=1)
-    img_size: int = Field(ge=1)
+    img_size: int = Field(ge=MIN_IMG_SIZE, le=MAX_IMG_SIZE)
     mean: list[Finite] = Field(min_length=3, max_length=3)
     std: list[Positive] = Field(min_length=3, max_length=3)
     seed: int | None = None
     pretrained: bool | None = None
     weights: str | None = None
+    threads: int | None = None  # torch's CPU threads when training started
+    threads_per_epoch: list[int] = Field(default_factory=list)  # with --threads auto, as they followed the machine
     data: dict[str, Any] | None = None
-    train: dict[str, Any] | None = None
-    request: dict[str, Any] | None = None
+    request: Request | None = None
     metrics: Metrics = Field(default_factory=Metrics)
-    best: dict[str, Any] | None = None
+    best: Best | dict[str, Any] | None = None  # {} before the first epoch ends
+    maps: dict[str, MapVerdict] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
     skipped: list[SkippedFile] = Field(default_factory=list)
     error: str | None = None
@@ -147,10 +167,27 @@ class RunConfig(_Strict):
     versions: dict[str, str] = Field(default_factory=dict)
 
 
+def _depth(value: Any) -> int:
+    """How deep ``value`` nests, without recursion (a forged file may nest thousands of levels)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > _MAX_JSON_DEPTH:
+            break
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
+
+
 def check_config(config: Any, where: str | os.PathLike = CONFIG) -> dict[str, Any]:
     """``config`` if it is a valid ``attnzoo.json``, else one ``AttnzooError`` line naming the field and the problem."""
     if not isinstance(config, dict):
         raise AttnzooError(f"{where}: must hold a JSON object, not {json.dumps(config)[:40]}")
+    if _depth(config) > _MAX_JSON_DEPTH:
+        raise AttnzooError(f"{where}: nests deeper than {_MAX_JSON_DEPTH} levels: not a file attnzoo wrote")
     fmt = config.get("format", FORMAT_VERSION)
     if isinstance(fmt, int) and fmt > FORMAT_VERSION:
         raise AttnzooError(f"{where}: written by a newer attnzoo (format {fmt}; this one reads {FORMAT_VERSION}): "
@@ -169,36 +206,99 @@ def check_config(config: Any, where: str | os.PathLike = CONFIG) -> dict[str, An
     return config
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file attnzoo wrote, or one ``AttnzooError`` line (not JSON, not UTF-8, nested past any use)."""
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past the parser's stack
+        raise AttnzooError(f"{path} is not valid JSON: {str(e) or type(e).__name__}") from None
+    except OSError as e:
+        raise AttnzooError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def weights_header(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """A safetensors file's header (tensor name -> dtype, shape), read without torch and without the tensors."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100_000_000:
+                raise ValueError(f"a header of {size} bytes")
+            header = json.loads(f.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        return {k: v for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, struct.error, RecursionError) as e:  # never unpickled: a safetensors file or nothing
+        raise AttnzooError(f"{path} is not a readable safetensors file: {type(e).__name__}: {e}") from None
+
+
+def parameter_count(path: str | os.PathLike) -> int:
+    """Parameters in a safetensors file, from its header (normalisation running statistics excluded)."""
+    import math
+
+    skip = ("running_mean", "running_var", "num_batches_tracked")
+    return sum(math.prod(v["shape"]) for k, v in weights_header(path).items() if not k.endswith(skip))
+
+
+def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]], dialect: str = "excel") -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, dialect=dialect, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OverflowError, ValueError):  # no process can have that number
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 # --- the run folder -----------------------------------------------------------------------------------------------
 
 class RunFolder:
-    """One run folder: claims it for a new run, reads ``attnzoo.json`` against ``RunConfig``, writes each file
-    atomically. attnzoo writes only into a folder it claimed (a new run) or one holding a run (``--resume``)."""
+    """One run folder: claimed for a new run (or opened to resume one), ``attnzoo.json`` read against
+    ``RunConfig``, the run's status moved by ``start`` -> ``failed`` | ``interrupted`` | ``finished``, each file
+    written atomically. ``record`` is the run's ``attnzoo.json`` as this process last wrote or read it.
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    One exclusive file, ``LOCK`` (this host and pid), makes a folder this process's: it is created when a new run
+    claims the folder (two runs claiming one at once: exactly one gets it) or when a run is resumed, and removed
+    when training ends. A lock left by a process of this host that is gone (killed) is stale and taken over; one
+    from another host is trusted."""
+
+    def __init__(self, path: str | os.PathLike, record: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
-        self._claimed = False  # holding CLAIM: attnzoo.json is not written yet
+        self.record: dict[str, Any] = dict(record or {})
+        self._locked = False  # holding LOCK
         self._created = False  # this process made the folder
-        self._locked = False  # holding TRAINING
         self._parents: list[Path] = []  # folders above it that claiming made
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 
-    # claiming -----------------------------------------------------------------------------------------------------
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # claiming and locking -------------------------------------------------------------------------------------
 
     @classmethod
     def claim(cls, path: str | os.PathLike) -> RunFolder:
-        """The folder for a new run: ``path``, created, or an existing empty folder. Of two runs claiming one
-        folder at once, exactly one gets it; the other gets an ``AttnzooError``."""
+        """The folder for a new run: ``path``, created, or an existing empty folder; locked. Of two runs
+        claiming one folder at once, exactly one gets it; the other gets an ``AttnzooError``."""
         folder = cls(path)
         if folder.path.exists() and not folder.path.is_dir():
             raise AttnzooError(f"{folder.path} is a file, not a folder; choose another folder")
         if folder._take(new_only=False):
             return folder
-        if (folder.path / CLAIM).exists() and len(os.listdir(folder.path)) == 1:
+        if (folder.path / LOCK).exists() and not (folder.path / CONFIG).exists():
             raise AttnzooError(f"{folder.path} is being claimed by another attnzoo fit; choose another folder "
-                               f"(if none is running, delete {folder.path / CLAIM})")
+                               f"(if none is running, delete {folder.path / LOCK})")
         raise AttnzooError(f"{folder.path} already exists and is not empty; choose another folder "
                            f"(or continue that run with --resume {folder.path})")
 
@@ -212,10 +312,17 @@ class RunFolder:
                 return folder
             n += 1
 
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> RunFolder:
+        """An existing run folder, its ``attnzoo.json`` read."""
+        folder = cls(path)
+        folder.record = folder.read_config()
+        return folder
+
     def _take(self, new_only: bool) -> bool:
-        """Claim: create the folder (``new_only``: it must not exist), then ``CLAIM`` in it exclusively, then
-        check that nothing else is there. Claim first, check second: a run that checks while another holds the
-        claim fails to take it, and one that takes it after a run started finds that run's files."""
+        """Claim: create the folder (``new_only``: it must not exist), then ``LOCK`` in it exclusively, then check
+        that nothing else is there. Lock first, check second: a run that checks while another holds the lock
+        fails to take it, and one that takes it after a run started finds that run's files."""
         try:
             for attempt in range(3):  # a run that never started may remove runs/ between our two mkdirs
                 missing = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]
@@ -232,12 +339,9 @@ class RunFolder:
                 except FileNotFoundError:
                     if attempt == 2:
                         raise
-            try:
-                os.close(os.open(self.path / CLAIM, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            except FileExistsError:
+            if not self._create_lock():
                 return False
-            self._claimed = True
-            if any(name != CLAIM for name in os.listdir(self.path)):
+            if any(name != LOCK for name in os.listdir(self.path)):
                 self._created = False  # someone else's files: the folder is not ours to remove
                 self.release()
                 return False
@@ -245,55 +349,61 @@ class RunFolder:
         except OSError as e:
             raise AttnzooError(f"cannot create the run folder {self.path}: {e.strerror or e}") from None
 
+    def _create_lock(self) -> bool:
+        try:
+            fd = os.open(self.path / LOCK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}")
+        self._locked = True
+        return True
+
     def lock(self) -> None:
-        """Only one process trains in a run folder at a time (a second ``--resume`` of a run, or one of a run still
-        training, is refused): ``TRAINING`` holds this host and pid while it trains. A lock left by a process of
-        this host that is gone (killed) is stale and taken over; one from another host is trusted."""
-        me = f"{socket.gethostname()} {os.getpid()}"
-        lock = self.path / TRAINING
+        """Only one process trains in a run folder at a time: a second ``--resume`` of a run, or one of a run still
+        training, is refused."""
+        lock = self.path / LOCK
         for _ in range(2):
             try:
-                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                host, pid = ([*lock.read_text(errors="replace").split(), "?", "0"])[:2]
-                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                    lock.unlink(missing_ok=True)  # its process is gone: a killed run's lock
-                    continue
-                raise AttnzooError(f"another attnzoo fit (pid {pid} on {host}) is training in {self.path}; wait for "
-                                   f"it to end (if none is running, delete {lock})") from None
+                if self._create_lock():
+                    return
             except OSError as e:
                 raise AttnzooError(f"cannot write in the run folder {self.path}: {e.strerror or e}") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            self._locked = True
-            return
+            if lock.is_dir() or not lock.is_file():
+                raise AttnzooError(f"{lock} is not attnzoo's lock file (a {'folder' if lock.is_dir() else 'special file'}"
+                                   f"); remove it, then run again")
+            host, pid = ([*lock.read_text(errors="replace").split(), "?", "0"])[:2]
+            if host == socket.gethostname() and (not pid.isdigit() or not _alive(int(pid))):
+                lock.unlink(missing_ok=True)  # its process is gone: a killed run's lock
+                continue
+            raise AttnzooError(f"another attnzoo fit (pid {pid[:20]} on {host[:60]}) is training in {self.path}; wait "
+                               f"for it to end (if none is running, delete {lock})")
         raise AttnzooError(f"cannot take {lock}: another process keeps taking it")
 
     def unlock(self) -> None:
         """Training in this folder has ended (done, failed or interrupted)."""
         if self._locked:
             self._locked = False
-            (self.path / TRAINING).unlink(missing_ok=True)
+            (self.path / LOCK).unlink(missing_ok=True)
 
     def release(self) -> None:
-        """Give up a claim whose run never wrote its ``attnzoo.json`` (it failed first): the claim goes, and the
-        folder with it when this process made it and nothing else is in it. No-op once the run has started."""
-        if not self._claimed:
+        """Give up a claim whose run never wrote its ``attnzoo.json`` (it failed first): the lock goes, and the
+        folder with it when this process made it and nothing else is in it. Only the lock goes once the run has
+        started."""
+        self.unlock()
+        if not self._created or (self.path / CONFIG).exists():
             return
-        self._claimed = False
-        (self.path / CLAIM).unlink(missing_ok=True)
-        if self._created:
-            for folder in (self.path, *self._parents):
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break  # something else was written there: keep it
+        for folder in (self.path, *self._parents):
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # something else was written there: keep it
 
     def clean_temporaries(self) -> list[Path]:
         """Remove the temporary files a killed attnzoo left (``.NAME.XXXXXXXX.tmp``, and safetensors'
         ``.tmpXXXXXX``) in the run folder and ``checkpoints/``, and nothing else."""
         removed = []
-        for folder in (self.path, self.path / "checkpoints"):
+        for folder in (self.path, self.path / CHECKPOINTS):
             if not folder.is_dir():
                 continue
             for p in folder.iterdir():
@@ -302,84 +412,97 @@ class RunFolder:
                     removed.append(p)
         return removed
 
-    # reading ------------------------------------------------------------------------------------------------------
+    # reading --------------------------------------------------------------------------------------------------
 
     def read_config(self) -> dict[str, Any]:
         """``attnzoo.json``, checked against ``RunConfig``: any problem is one ``AttnzooError`` line."""
         path = self.path / CONFIG
         if not path.is_file():
             raise AttnzooError(f"not a run folder (no {CONFIG}): {self.path}")
-        try:
-            config = json.loads(path.read_bytes())
-        except ValueError as e:  # not JSON, or not UTF-8
-            raise AttnzooError(f"{path} is not valid JSON: {e}") from None
-        return check_config(config, path)
+        return check_config(read_json(path), path)
 
     def read_skipped(self) -> list[tuple[str, str]]:
         """``skipped.txt`` as (path, reason) rows."""
         with open(self.path / SKIPPED, newline="", encoding="utf-8", errors="surrogateescape") as f:
             return [(row[0], row[1]) for row in list(csv.reader(f, dialect="excel-tab"))[1:]]
 
-    # writing ------------------------------------------------------------------------------------------------------
+    # the lifecycle --------------------------------------------------------------------------------------------
 
-    def write_config(self, config: dict[str, Any]) -> None:
-        """(Re)write ``attnzoo.json`` with the format version and package versions. The first one marks the
-        folder as taken, so the claim goes."""
-        config = {"format": FORMAT_VERSION, **config, "versions": versions()}
-        _write_text(self.path / CONFIG, json.dumps(config, indent=2, default=str))  # ASCII: \udcXX for non-UTF-8
-        if self._claimed:
-            self._claimed = False
-            (self.path / CLAIM).unlink(missing_ok=True)
+    def start(self, record: Mapping[str, Any], skipped: Sequence[tuple[Any, str]] = ()) -> None:
+        """The run starts: ``attnzoo.json`` with ``status: training`` (and ``skipped.txt``)."""
+        if skipped:
+            replace_text(self.path / SKIPPED, _csv_text(["path", "reason"], ((str(p), r) for p, r in skipped),
+                                                        dialect="excel-tab"))
+        self._write({**record, "status": "training"})
 
-    def update_config(self, **entries: Any) -> dict[str, Any]:
+    def update(self, **entries: Any) -> dict[str, Any]:
         """Set top-level entries of ``attnzoo.json`` (what a later command adds, as ``interpret``'s scores),
         keeping the rest as it is, the versions of the training included."""
-        config = check_config({**self.read_config(), **entries}, self.path / CONFIG)
-        _write_text(self.path / CONFIG, json.dumps(config, indent=2, default=str))
-        return config
+        record = check_config({**self.read_config(), **entries}, self.path / CONFIG)
+        replace_text(self.path / CONFIG, json.dumps(record, indent=2, default=str))
+        self.record = record
+        return record
 
-    def write_weights(self, model: torch.nn.Module) -> None:
-        from safetensors.torch import save_model
+    def failed(self, reason: str, history: Sequence[Mapping[str, float]] = (), resume: str | None = None,
+               **entries: Any) -> None:
+        """``status: failed`` with the reason and, when the run can go on, the command that resumes it."""
+        self._write({**self.record, **entries, "status": "failed", "error": reason, "resume": resume,
+                     "metrics": {"per_epoch": [dict(row) for row in history]}})
 
-        _atomic_write(self.path / WEIGHTS, lambda tmp: save_model(model, str(tmp)))
+    def interrupted(self, reason: str | None, history: Sequence[Mapping[str, float]] = (), model: Any = None,
+                    **entries: Any) -> None:
+        """``status: interrupted``, with the weights at the interruption when a model is given."""
+        record = {**self.record, **entries, "status": "interrupted"}
+        if reason is not None:
+            record["error"] = reason
+        if model is None:
+            self._write({**record, "metrics": {"per_epoch": [dict(row) for row in history]}})
+        else:
+            self._save(model, record, history)
 
-    def write_history(self, rows: Sequence[dict[str, float]]) -> None:
-        keys = list(dict.fromkeys(k for row in rows for k in row))
-        _write_text(self.path / HISTORY, _csv_text(keys, ([row.get(k, "") for k in keys] for row in rows)))
+    def finished(self, model: Any, history: Sequence[Mapping[str, float]], **entries: Any) -> None:
+        """``status: done``: weights, history, then ``attnzoo.json`` (a run whose record says done has its
+        weights). The last checkpoint goes (the model is the finished one), and the best one too when its
+        weights are the model's: no weights twice in a run folder."""
+        best = dict(entries.pop("best", None) or self.record.get("best") or {})
+        if best:
+            best["weights"] = WEIGHTS if best.get("epoch") == len(history) else BEST
+        self._save(model, {**self.record, **entries, "status": "done", "best": best}, history)
+        (self.path / LAST).unlink(missing_ok=True)
+        if best.get("weights") == WEIGHTS:
+            (self.path / BEST).unlink(missing_ok=True)
+        try:
+            (self.path / CHECKPOINTS).rmdir()  # when nothing is left in it
+        except OSError:
+            pass
 
-    def write_skipped(self, skipped: Iterable[tuple[Any, str]]) -> None:
-        """The files training left out: tab-separated, quoted where a name holds a tab, newline or quote."""
-        _write_text(self.path / SKIPPED, _csv_text(["path", "reason"], ((str(p), r) for p, r in skipped),
-                                                   dialect="excel-tab"))
-
-    def save(self, model: torch.nn.Module, config: dict[str, Any], history: Iterable[dict[str, float]] = ()) -> Path:
-        """Weights, history and ``attnzoo.json`` (last: a run whose config says done has its weights)."""
-        history = list(history)
-        config = dict(config)
-        config["metrics"] = dict(config.get("metrics") or {})
-        config["metrics"]["per_epoch"] = history
-        if history:
-            config["metrics"]["final"] = {k: v for k, v in history[-1].items() if k not in ("epoch", "time")}
-        self.write_weights(model)
-        if history:
-            self.write_history(history)
-        self.write_config(config)
+    def save(self, model: Any, record: Mapping[str, Any], history: Sequence[Mapping[str, float]] = ()) -> Path:
+        """Weights, history and ``attnzoo.json`` as they are given (a run made outside ``fit``)."""
+        self._save(model, dict(record), history)
         return self.path
 
-    def mark_failed(self, config: dict[str, Any], reason: str, resume: str | None = None) -> None:
-        """``status: failed`` with the reason and, when the run can go on, the command that resumes it."""
-        self.write_config({**config, "status": "failed", "error": reason, "resume": resume})
+    def _save(self, model: Any, record: dict[str, Any], history: Sequence[Mapping[str, float]]) -> None:
+        from safetensors.torch import save_model
+
+        history = [dict(row) for row in history]
+        record["metrics"] = {**(record.get("metrics") or {}), "per_epoch": history}
+        if history:
+            record["metrics"]["final"] = {k: v for k, v in history[-1].items() if k not in ("epoch", "time")}
+        replace(self.path / WEIGHTS, lambda tmp: save_model(model, str(tmp)))
+        if history:
+            keys = list(dict.fromkeys(k for row in history for k in row))
+            replace_text(self.path / HISTORY, _csv_text(keys, ([row.get(k, "") for k in keys] for row in history)))
+        self._write(record)
+
+    def _write(self, record: Mapping[str, Any]) -> None:
+        """(Re)write ``attnzoo.json`` with the format version and package versions."""
+        self.record = {"format": FORMAT_VERSION, **record, "versions": versions()}
+        replace_text(self.path / CONFIG, json.dumps(self.record, indent=2, default=str))  # \udcXX for non-UTF-8
 
 
-def save_run(path: str | os.PathLike, model: AttentionModel, config: dict[str, Any],
-             history: Iterable[dict[str, float]] = ()) -> Path:
-    """Write the run folder (atomically, file by file)."""
-    return RunFolder(path).save(model, config, history)
-
-
-def write_config(path: str | os.PathLike, config: dict[str, Any]) -> None:
-    """(Re)write ``attnzoo.json`` atomically, with the format version and package versions."""
-    RunFolder(path).write_config(config)
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """A folder attnzoo made for a run (it holds ``attnzoo.json``): never read as data."""
+    return (Path(path) / CONFIG).is_file()
 
 
 def latest_run(root: str | os.PathLike = "runs") -> Path:

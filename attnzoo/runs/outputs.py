@@ -2,9 +2,9 @@
 did not create.
 
 Every file is first written to a temporary beside it (``write_temporary``). In a run folder, which attnzoo
-owns, it is then renamed into place (``run._atomic_write``). Anywhere else (figures, charts, exports) it is
-hard-linked to its final name, which fails when that name exists (``write_new``): even a file that appears
-between the check and the write is never replaced. A name picked by attnzoo (a default, or one per image in an
+owns, it is then renamed into place (``replace``). Anywhere else (figures, charts, exports) it is hard-linked
+to its final name, which fails when that name exists (``write_new``): even a file that appears between the
+check and the write is never replaced. A name picked by attnzoo (a default, or one per image in an
 output folder) moves on to ``NAME-2``, ``NAME-3``... when taken; a name the user gave (``--out FILE``) that
 exists is an error.
 """
@@ -43,6 +43,24 @@ def write_temporary(path: Path, write: Callable[[Path], Any]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def replace(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)``, then rename it onto ``path``: a crash never leaves a half-written file. Only for files
+    attnzoo owns (in a run folder, or a sweep folder)."""
+    path = Path(path)
+    tmp = write_temporary(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def replace_text(path: str | os.PathLike, text: str) -> Path:
+    """``replace`` with UTF-8 text; file names that are not UTF-8 (surrogate escapes) keep their bytes."""
+    return replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
 def _numbered(path: Path, n: int) -> Path:

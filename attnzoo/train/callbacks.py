@@ -1,7 +1,22 @@
-"""The callbacks of a training run, each with one job: fastai's loop stays generic.
+"""A training run's lifecycle as fastai callbacks, each with one job; fastai's loop stays generic.
 
-Progress and history (``RichProgress``, ``History``), numerics (``FlushDenormals``, ``NanGuard``), stopping
-(``StopOnSignal``) and saving (``Checkpoints``, ``RestoreSmoothLoss``).
+A run is one or two fits of one Learner (with pretrained weights: the body frozen first, like ``fine_tune``).
+What the callbacks of one run share is a ``RunState``: the run folder, the phases, the history, the best
+epoch, and why the run stopped early, if it did. In the order fastai calls them:
+
+- ``FlushDenormals``: denormal floats flushed on the CPU while fitting (speed);
+- ``StopOnSignal``: SIGINT/SIGTERM stop after the batch; ``NanGuard``: a NaN/inf stops the run, naming the module;
+- ``RunStatus``: ``attnzoo.json`` says ``training`` when the run starts, ``failed`` or ``interrupted`` when it
+  stops early;
+- ``Resume``: a resumed run's optimiser, smoothed loss and random states, put back before its first fit;
+- ``History``, ``RichProgress``: one row per epoch, shown as a table under a progress bar;
+- ``FollowIdleCores``: torch's threads follow the cores other jobs leave idle, every epoch;
+- ``Checkpoints``: the last and the best epoch, after every epoch;
+- ``DecisionShares``, ``FinishRun``, ``RunPlots``: when the last fit ends, rank 0 measures each map's share of
+  the decision, saves the finished run, and draws its plots.
+
+Under ``torchrun`` / ``accelerate launch`` every process runs the same callbacks; those that write (the
+status, checkpoints, the finished run) do so on rank 0 only.
 """
 
 from __future__ import annotations
@@ -12,15 +27,81 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.tracker import TrackerCallback
+from fastai.learner import Recorder
 from fastai.torch_core import get_model
 
+from ..runs.folder import BEST, LAST, RunFolder
 from . import distributed
-from .checkpoints import BEST, LAST, rng_state, save_checkpoint
+from .checkpoints import load_optimizer, rng_state, save_checkpoint, set_rng_state
+
+
+@dataclass
+class RunState:
+    """What the callbacks of one training run share. ``phases``: ``(frozen, epochs, lr)`` per fit;
+    ``phase``: the fit running now; ``offset``: epochs of the phases before it."""
+
+    folder: RunFolder
+    phases: list[tuple[bool, int, Any]]
+    checkpoints: bool = True
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+    phase: int = 0
+    offset: int = 0
+    failure: str | None = None  # why training failed (a NaN/inf)
+    blamed: list[str] = field(default_factory=list)  # attention modules that turned finite input into NaN/inf
+    signum: int | None = None  # the signal that stopped the run
+    resumed: tuple[dict[str, Any], dict[str, Any]] | None = None  # a resumed run's checkpoint, until its first fit
+    unsaved: str | None = None  # why the finished run could not be saved (a full disk)
+    threads: list[int] = field(default_factory=list)  # torch's threads at the end of each epoch, when they follow
+
+    @property
+    def last_phase(self) -> bool:
+        return self.phase == len(self.phases) - 1
+
+    @property
+    def stopped(self) -> bool:
+        return self.failure is not None or self.signum is not None
+
+    @property
+    def finishing(self) -> bool:
+        """The last fit has ended well: the run is to be finished (by rank 0)."""
+        return self.last_phase and not self.stopped
+
+
+class RunCallback(Callback):
+    """A callback of a training run: it reads and sets the ``RunState``."""
+
+    def __init__(self, state: RunState) -> None:
+        self.state = state
+
+
+class EpochCallback(Callback):
+    """A callback acting once per trained epoch: not on those fastai's ``SkipToEpoch`` passes over when a run
+    resumes (fastai still calls ``after_epoch`` for them), nor on a cancelled one."""
+
+    def before_epoch(self) -> None:
+        self._skipped = False
+        self.epoch_started()
+
+    def after_cancel_epoch(self) -> None:
+        self._skipped = True
+
+    def after_epoch(self) -> None:
+        if not self._skipped:
+            self.epoch_trained()
+
+    def epoch_started(self) -> None:
+        pass
+
+    def epoch_trained(self) -> None:
+        pass
 
 
 class FlushDenormals(Callback):
@@ -46,195 +127,39 @@ class FlushDenormals(Callback):
             self._set = False
 
 
-class History(Callback):
-    """Per-epoch train loss, valid loss, metrics and seconds, across every fit of the Learner."""
-
-    order = 60  # after the Recorder
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
-
-    def before_epoch(self) -> None:
-        self._start = time.perf_counter()
-        self._skipped = False
-
-    def after_cancel_epoch(self) -> None:
-        self._skipped = True  # an epoch fastai's SkipToEpoch passes over on resume, or a cancelled one
-
-    def after_epoch(self) -> None:
-        if self._skipped:
-            return
-        names = [n for n in self.recorder.metric_names[1:-1]]
-        values = self.recorder.values[-1] if self.recorder.values else []
-        row = {"epoch": len(self.rows) + 1}
-        for n, v in zip(names, values):
-            row[n] = float(v)
-        row["time"] = time.perf_counter() - self._start
-        self.rows.append(row)
-
-
-@contextlib.contextmanager
-def _task_progress(console: Any, description: str) -> Iterator[Callable[[int, int], None]]:
-    """A ``progress(done, total)`` callback that shows a rich bar on ``console`` from its first call, if any."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console, transient=True, disable=console is not None and not console.is_terminal)
-    task = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task(description, total=total)
-        bar.update(task, completed=done)
-
-    try:
-        yield update
-    finally:
-        bar.stop()
-
-
-class RichProgress(Callback):
-    """A rich progress display for epochs and batches, and one table row per epoch (replaces fastai's bars)."""
-
-    order = 61
-
-    def __init__(self, console: Any = None, total_epochs: int | None = None) -> None:
-        from rich.console import Console
-
-        self.console = console or Console(stderr=True)
-        self.total_epochs = total_epochs
-        self.done = 0
-
-    def before_fit(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=self.console,
-                                 transient=True, disable=not self.console.is_terminal)  # no bars into a log
-        total = self.total_epochs or self.n_epoch
-        self.progress.start()
-        self.epoch_task = self.progress.add_task("epochs", total=total, completed=self.done, info="")
-        self.batch_task = self.progress.add_task("batches", total=None, info="", visible=False)  # until a loader
-        self._columns: list[str] | None = None
-
-    def before_train(self) -> None:
-        self.progress.reset(self.batch_task, total=len(self.dl), description="train", info="", visible=True)
-
-    def before_validate(self) -> None:
-        self.progress.reset(self.batch_task, total=len(self.dl), description="valid", info="", visible=True)
-
-    def after_batch(self) -> None:
-        info = f"loss {self.smooth_loss.item():.3f}" if self.training else ""
-        self.progress.update(self.batch_task, advance=1, info=info)
-
-    def before_epoch(self) -> None:
-        self._skipped = False
-
-    def after_cancel_epoch(self) -> None:
-        self._skipped = True
-
-    def after_epoch(self) -> None:
-        if self._skipped:
-            return
-        self.done += 1
-        self.progress.update(self.epoch_task, completed=self.done)
-        hist = next((c for c in self.learn.cbs if isinstance(c, History)), None)
-        if hist is not None and hist.rows:  # the epoch table, a row at a time, its header before the first
-            row = hist.rows[-1]
-            if self._columns is None:
-                self._columns = list(row)
-                self.progress.console.print("  ".join(f"{k:>10}" for k in self._columns), style="bold",
-                                            highlight=False)
-            cells = [f"{row.get(k, float('nan')):>10.4f}" for k in self._columns]
-            cells[0], cells[-1] = f"{row['epoch']:>10}", f"{row['time']:>9.1f}s"
-            self.progress.console.print("  ".join(cells), highlight=False)
-
-    def after_fit(self) -> None:
-        self.progress.stop()
-
-
-class Checkpoints(Callback):
-    """After every completed epoch: ``last`` (model, optimiser, history, random states) and ``best``."""
-
-    order = 65  # after the Recorder (50) and History (60)
-
-    def __init__(self, run_dir: Path, history: Any, epoch_offset: int = 0, best: dict[str, Any] | None = None,
-                 monitor: str = "valid_loss") -> None:
-        self.run_dir, self.history, self.offset, self.monitor = Path(run_dir), history, epoch_offset, monitor
-        self.best = best or {}
-        self.enabled = True
-
-    def before_epoch(self) -> None:
-        self._skipped = False
-
-    def after_cancel_epoch(self) -> None:
-        self._skipped = True  # fastai's SkipToEpoch on resume: nothing was trained
-
-    def after_epoch(self) -> None:
-        if self._skipped or not self.enabled or not self.history.rows:
-            return
-        row = self.history.rows[-1]
-        epoch = self.offset + self.epoch + 1
-        model = get_model(self.learn.model)  # the module itself, not a DistributedDataParallel wrapper
-        score = row.get(self.monitor)
-        if score is not None and math.isfinite(score) and score < self.best.get("score", math.inf):
-            self.best = {"epoch": epoch, "monitor": self.monitor, "score": score}
-            save_checkpoint(self.run_dir / BEST, None, model, {"epoch": epoch, "best": self.best})
-        smooth = self.learn.recorder.smooth_loss
-        meta = {"epoch": epoch, "history": self.history.rows, "best": self.best, "rng": rng_state(self.learn),
-                "smooth_loss": [int(smooth.count), float(smooth.val)]}
-        save_checkpoint(self.run_dir / LAST, self.learn, model, meta)
-
-
-class RestoreSmoothLoss(Callback):
-    """On resume, carry fastai's smoothed training loss across the break, as an uninterrupted run would."""
-
-    order = 51  # right after the Recorder resets it in before_fit
-
-    def __init__(self, count: int, val: float) -> None:
-        self.count, self.val = count, val
-
-    def before_fit(self) -> None:
-        self.learn.recorder.smooth_loss.count = self.count
-        self.learn.recorder.smooth_loss.val = torch.tensor(self.val)
-
-
-class StopOnSignal(Callback):
-    """SIGINT/SIGTERM end the current batch, then training stops (``fit`` saves and says how to resume).
-    A second signal is not caught: it stops at once. Under a launcher the processes agree every ``every``
-    batches (one small all-reduce), so all of them stop at the same batch."""
+class StopOnSignal(RunCallback):
+    """SIGINT/SIGTERM end the current batch, then training stops (``RunStatus`` saves; ``fit`` says how to
+    resume). A second signal is not caught: it stops at once. Under a launcher the processes agree every
+    ``every`` batches (one small all-reduce), so all of them stop at the same batch."""
 
     order = 0
 
-    def __init__(self, every: int = 8) -> None:
-        self.signum: int | None = None  # the signal, once this process (or, launched, any process) stops
+    def __init__(self, state: RunState, every: int = 8) -> None:
+        super().__init__(state)
         self._received: int | None = None
         self._old: dict[int, Any] = {}
         self.every = every
 
-    def install(self) -> StopOnSignal:
+    def before_fit(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
-        return self
 
-    def uninstall(self) -> None:
+    def after_fit(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self._received = signum
-        self.uninstall()  # the next one acts at once
+        self.after_fit()  # the next one acts at once
 
     def _decide(self) -> None:
         received = self._received
         if distributed.is_distributed():
             received = distributed.all_reduce_int(received or 0, "max") or None
         if received is not None:
-            self.signum = received
+            self.state.signum = received
             raise CancelFitException
 
     def after_batch(self) -> None:
@@ -245,19 +170,18 @@ class StopOnSignal(Callback):
         self._decide()
 
 
-class NanGuard(Callback):
+class NanGuard(RunCallback):
     """Stops training when a number goes bad: a NaN/inf training loss (checked on the device and read back every
     ``every`` batches and at the end of each epoch, so no host-device sync per batch), or a NaN/inf validation
     loss or metric at the end of an epoch (before that epoch is checkpointed, so ``best`` and ``last`` stay
     finite). Each attention module's output is watched too (on the device): when one turned finite features
-    into NaN/inf, ``failure`` names it."""
+    into NaN/inf, the failure names it."""
 
     order = 1
 
-    def __init__(self, epoch_offset: int = 0, every: int = 16) -> None:
-        self.offset, self.every = epoch_offset, every
-        self.failure: str | None = None  # what went bad, where (epochs and batches 1-based)
-        self.blamed: list[str] = []  # attention modules whose output went bad on finite input
+    def __init__(self, state: RunState, every: int = 16) -> None:
+        super().__init__(state)
+        self.every = every
         self._watch: list[_FiniteWatch] = []
 
     def before_fit(self) -> None:
@@ -283,10 +207,10 @@ class NanGuard(Callback):
             self._check()
 
     def _fail(self, what: str) -> None:
-        self.blamed = [w.label for w in self._watch if w.fired()]
-        if self.blamed:
-            what += f"; {' and '.join(self.blamed)} turned finite features into NaN/inf"
-        self.failure = what
+        self.state.blamed = [w.label for w in self._watch if w.fired()]
+        if self.state.blamed:
+            what += f"; {' and '.join(self.state.blamed)} turned finite features into NaN/inf"
+        self.state.failure = what
         raise CancelFitException
 
     def _check(self) -> None:
@@ -295,7 +219,8 @@ class NanGuard(Callback):
             index = distributed.all_reduce_int(index if index >= 0 else 2**62, "min")
             index = -1 if index == 2**62 else index
         if index >= 0:
-            self._fail(f"the training loss became NaN/inf at epoch {self.offset + self.epoch + 1}, batch {index + 1}")
+            self._fail(f"the training loss became NaN/inf at epoch {self.state.offset + self.epoch + 1}, "
+                       f"batch {index + 1}")
 
     def after_train(self) -> None:
         self._check()
@@ -306,7 +231,7 @@ class NanGuard(Callback):
         names = list(self.recorder.metric_names[1:-1])
         bad = [f"{n} {v}" for n, v in zip(names, log) if isinstance(v, (int, float)) and not math.isfinite(v)]
         if bad:  # validation numbers are gathered over every process, so all of them stop here together
-            self._fail(f"{', '.join(bad)} at epoch {self.offset + self.epoch + 1}")
+            self._fail(f"{', '.join(bad)} at epoch {self.state.offset + self.epoch + 1}")
 
 
 class _FiniteWatch:
@@ -339,3 +264,288 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, (list, tuple)):
         return [t for v in value for t in _tensors(v)]
     return []
+
+
+class RunStatus(RunCallback):
+    """The run's status in ``attnzoo.json``: ``training`` when its first fit starts (a resumed run's says so
+    already), ``failed`` (with the reason) or ``interrupted`` (with the weights at the interruption) when a fit
+    stops early. Rank 0 writes; ``start`` is the record of a new run, None when resuming."""
+
+    order = -20  # first: the folder says training before anything trains
+
+    def __init__(self, state: RunState, start: dict[str, Any] | None, skipped: list[tuple[Any, str]]) -> None:
+        super().__init__(state)
+        self._start, self._skipped = start, skipped
+
+    def before_fit(self) -> None:
+        if self._start is not None and distributed.is_main():
+            self.state.folder.start(self._start, self._skipped)
+        self._start = None
+
+    def after_fit(self) -> None:
+        if not distributed.is_main() or not self.state.stopped:
+            return
+        if self.state.failure is not None:
+            self.state.folder.failed(self.state.failure, self.state.history, best=self.state.best)
+        else:
+            self.state.folder.interrupted(None, self.state.history, get_model(self.learn.model), best=self.state.best)
+
+
+class Resume(RunCallback):
+    """A resumed run carries on as the uninterrupted run would: before its first fit, the optimiser state (when
+    the checkpoint is mid-phase), fastai's smoothed training loss and every random state are put back."""
+
+    order = Recorder.order + 1  # right after the Recorder resets the smoothed loss in before_fit
+
+    def before_fit(self) -> None:
+        if self.state.resumed is None:
+            return
+        tensors, meta = self.state.resumed
+        self.state.resumed = None
+        if meta["epoch"] > self.state.offset:  # mid-phase: the optimiser state and the smoothed loss carry on
+            load_optimizer(self.learn.opt, tensors, meta["optimizer"], next(self.learn.model.parameters()).device)
+            count, val = meta["smooth_loss"]
+            self.learn.recorder.smooth_loss.count = count
+            self.learn.recorder.smooth_loss.val = torch.tensor(val)
+        set_rng_state(self.learn, meta["rng"])
+
+
+class History(EpochCallback):
+    """Per-epoch train loss, valid loss, metrics and seconds, across every fit of the Learner: ``rows``."""
+
+    order = Recorder.order + 10
+
+    def __init__(self, rows: list[dict[str, float]] | None = None) -> None:
+        self.rows: list[dict[str, float]] = rows if rows is not None else []
+
+    def epoch_started(self) -> None:
+        self._start = time.perf_counter()
+
+    def epoch_trained(self) -> None:
+        names = [n for n in self.recorder.metric_names[1:-1]]
+        values = self.recorder.values[-1] if self.recorder.values else []
+        row = {"epoch": len(self.rows) + 1}
+        for n, v in zip(names, values):
+            row[n] = float(v)
+        row["time"] = time.perf_counter() - self._start
+        self.rows.append(row)
+
+
+@contextlib.contextmanager
+def task_progress(console: Any, description: str) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback that shows a rich bar on ``console`` from its first call, if any."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=True, disable=console is not None and not console.is_terminal)
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=total)
+        bar.update(task, completed=done)
+
+    try:
+        yield update
+    finally:
+        bar.stop()
+
+
+class RichProgress(EpochCallback):
+    """A rich progress display for epochs and batches, and one table row per epoch (replaces fastai's bars)."""
+
+    order = History.order + 1
+
+    def __init__(self, console: Any = None, total_epochs: int | None = None, done: int = 0) -> None:
+        from rich.console import Console
+
+        self.console = console or Console(stderr=True)
+        self.total_epochs = total_epochs
+        self.done = done
+
+    def before_fit(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=self.console,
+                                 transient=True, disable=not self.console.is_terminal)  # no bars into a log
+        total = self.total_epochs or self.n_epoch
+        self.progress.start()
+        self.epoch_task = self.progress.add_task("epochs", total=total, completed=self.done, info="")
+        self.batch_task = self.progress.add_task("batches", total=None, info="", visible=False)  # until a loader
+        self._columns: list[str] | None = getattr(self, "_columns", None)
+
+    def before_train(self) -> None:
+        self.progress.reset(self.batch_task, total=len(self.dl), description="train", info="", visible=True)
+
+    def before_validate(self) -> None:
+        self.progress.reset(self.batch_task, total=len(self.dl), description="valid", info="", visible=True)
+
+    def after_batch(self) -> None:
+        info = f"loss {self.smooth_loss.item():.3f}" if self.training else ""
+        self.progress.update(self.batch_task, advance=1, info=info)
+
+    def epoch_trained(self) -> None:
+        self.done += 1
+        self.progress.update(self.epoch_task, completed=self.done)
+        hist = next((c for c in self.learn.cbs if isinstance(c, History)), None)
+        if hist is not None and hist.rows:  # the epoch table, a row at a time, its header before the first
+            row = hist.rows[-1]
+            if self._columns is None:
+                self._columns = list(row)
+                self.progress.console.print("  ".join(f"{k:>10}" for k in self._columns), style="bold",
+                                            highlight=False)
+            cells = [f"{row.get(k, float('nan')):>10.4f}" for k in self._columns]
+            cells[0], cells[-1] = f"{row['epoch']:>10}", f"{row['time']:>9.1f}s"
+            self.progress.console.print("  ".join(cells), highlight=False)
+
+    def after_fit(self) -> None:
+        self.progress.stop()
+
+
+class FollowIdleCores(RunCallback):
+    """With ``--threads auto``, torch's CPU threads follow the machine while the run trains: every ``every``
+    seconds (read between batches) and before every epoch, the cores other processes kept busy since the last
+    look are measured (``threads.CpuMeter``: no sleep) and the thread count lowered or raised to the free ones.
+    A job that starts beside a long run then costs it the core that job takes, not the 3-6x an OpenMP barrier
+    waiting on a busy core does; one that ends gives its core back. ``state.threads``: the count each epoch
+    ended with."""
+
+    order = FlushDenormals.order + 1
+
+    def __init__(self, state: RunState, every: float = 5.0) -> None:
+        super().__init__(state)
+        self.every = every
+
+    def before_fit(self) -> None:
+        from .threads import CpuMeter
+
+        self.meter, self._next = CpuMeter(), time.monotonic() + self.every
+
+    def _follow(self) -> None:
+        from .threads import free_cores
+
+        others = self.meter.others()
+        self._next = time.monotonic() + self.every
+        if others is not None and free_cores(others) != torch.get_num_threads():
+            torch.set_num_threads(free_cores(others))
+
+    def after_batch(self) -> None:
+        if time.monotonic() >= self._next:
+            self._follow()
+
+    def before_epoch(self) -> None:
+        self._follow()
+
+    def after_epoch(self) -> None:
+        self.state.threads.append(torch.get_num_threads())
+
+
+class Checkpoints(TrackerCallback, EpochCallback, RunCallback):
+    """After every trained epoch (rank 0, when the run keeps checkpoints): ``last`` (model, optimiser, history,
+    random states) and, when the monitored score is the best so far, ``best``. fastai's ``TrackerCallback``
+    keeps the best score; it is carried over from the phases before, and from before an interruption."""
+
+    order = History.order + 5  # after the History has this epoch's row
+
+    def __init__(self, state: RunState, monitor: str = "valid_loss") -> None:
+        TrackerCallback.__init__(self, monitor=monitor, reset_on_fit=False)
+        RunCallback.__init__(self, state)
+        self.best = state.best.get("score", np.inf)
+
+    def epoch_trained(self) -> None:
+        TrackerCallback.after_epoch(self)
+        if not self.state.checkpoints or not distributed.is_main():
+            return
+        epoch = self.state.offset + self.epoch + 1
+        model = get_model(self.learn.model)  # the module itself, not a DistributedDataParallel wrapper
+        if self.new_best and math.isfinite(self.best):
+            self.state.best = {"epoch": epoch, "monitor": self.monitor, "score": float(self.best)}
+            save_checkpoint(self.state.folder.file(BEST), None, model, {"epoch": epoch, "best": self.state.best})
+        smooth = self.learn.recorder.smooth_loss
+        meta = {"epoch": epoch, "history": self.state.history, "best": self.state.best,
+                "rng": rng_state(self.learn), "smooth_loss": [int(smooth.count), float(smooth.val)]}
+        save_checkpoint(self.state.folder.file(LAST), self.learn, model, meta)
+
+    def after_epoch(self) -> None:
+        EpochCallback.after_epoch(self)
+
+
+class RankZeroFinish(RunCallback):
+    """A step of finishing the run: when the last fit ends well, rank 0 does ``finish()`` by itself (fastai must
+    not gather across processes meanwhile), after every process's DDP wrapper is gone."""
+
+    order = 80
+
+    def after_fit(self) -> None:
+        if self.state.finishing and self.state.unsaved is None and distributed.is_main():
+            with distributed.alone():
+                self.finish()
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+
+class DecisionShares(RankZeroFinish):
+    """Which map carries the decision (``explain.trust``), into the record's ``maps``. A failure here is a
+    warning in the record: the trained model matters more."""
+
+    order = RankZeroFinish.order
+
+    def __init__(self, state: RunState, data: Any, img_size: int) -> None:
+        super().__init__(state)
+        self.data, self.img_size = data, img_size
+
+    def finish(self) -> None:
+        from ..explain import trust
+
+        record = self.state.folder.record
+        try:
+            record["maps"] = trust.from_learner(self.learn, self.data, self.img_size)
+        except Exception as e:
+            record["warnings"] = [*record.get("warnings", []),
+                                  f"the maps' decision shares were not measured: {type(e).__name__}: {e}"]
+
+
+class FinishRun(RankZeroFinish):
+    """The finished run into its folder: weights, history and ``status: done``. A save that cannot be written
+    (a full disk) fails the run, with the command that resumes it from its last checkpoint."""
+
+    order = DecisionShares.order + 1
+
+    def __init__(self, state: RunState, summary: Callable[[], dict[str, Any]]) -> None:
+        super().__init__(state)
+        self.summary = summary
+
+    def finish(self) -> None:
+        folder = self.state.folder
+        try:
+            extra = {"threads_per_epoch": self.state.threads} if self.state.threads else {}
+            folder.finished(get_model(self.learn.model), self.state.history, best=self.state.best,
+                            distributed=self.summary(), **extra)
+        except OSError as e:  # the trained model is still in the last checkpoint
+            resume = f"attnzoo fit --resume {folder.path}" if self.state.checkpoints else None
+            self.state.unsaved = str(e.strerror or e)
+            with contextlib.suppress(OSError):  # the disk may be too full for this too; the message says it
+                folder.failed(f"cannot save the trained model: {self.state.unsaved}", self.state.history, resume)
+
+
+class RunPlots(RankZeroFinish):
+    """The run folder's plots of a finished run: learning curves, confusion matrix, top losses, attention."""
+
+    order = FinishRun.order + 1
+
+    def __init__(self, state: RunState, img_size: int, mean: Any, std: Any, classes: list[str]) -> None:
+        super().__init__(state)
+        self.img_size, self.mean, self.std, self.classes = img_size, mean, std, classes
+
+    def finish(self) -> None:
+        from ..explain.interpret import fit_plots
+        from ..runs.predict import Run
+
+        folder = self.state.folder
+        run = Run(get_model(self.learn.model), self.classes, self.img_size, self.mean, self.std, folder.record,
+                  folder.path)
+        fit_plots(self.learn, run, folder.path, self.state.history)

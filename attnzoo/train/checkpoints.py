@@ -22,10 +22,8 @@ import numpy as np
 import torch
 
 from ..errors import AttnzooError
-from ..runs.folder import _atomic_write
+from ..runs.outputs import replace
 
-LAST = "checkpoints/last.safetensors"
-BEST = "checkpoints/best.safetensors"
 META_KEY = "attnzoo_checkpoint"
 
 
@@ -115,7 +113,7 @@ def save_checkpoint(path: Path, learn: Any | None, model: torch.nn.Module, meta:
         if ptr in seen and v.numel():
             tensors[k] = v.clone()
         seen.add(tensors[k].untyped_storage().data_ptr())
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
+    replace(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

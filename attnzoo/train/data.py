@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnzooError
+from ..runs.folder import is_run_folder
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 VALID_NAMES = ("valid", "val", "validation", "test")
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold; larger images are refused, never decoded
-RUN_MARKER = "attnzoo.json"  # the file that makes a folder an attnzoo run folder (run.CONFIG is this name)
 SYSTEM_DIRS = {"__macosx", "__pycache__", "@eadir", "$recycle.bin", "system volume information", "lost+found"}
 SPLIT_NAMES = ("train", *VALID_NAMES, "seg_train", "seg_test")
 
@@ -211,18 +211,14 @@ def scan_images(paths: list[Path], workers: int | None = None) -> dict[Path, str
     return {p: r for p, r in zip(paths, reasons) if r is not None}
 
 
-def _is_run_folder(d: Path) -> bool:
-    return (d / RUN_MARKER).is_file()
-
-
 def _ignored_dir(d: Path) -> str | None:
     """Why folder ``d`` is not data, or None: hidden, a system folder, or attnzoo's own output."""
     if d.name.startswith(".") or d.name.lower() in SYSTEM_DIRS:
         return "hidden or system folder"
-    if _is_run_folder(d):
+    if is_run_folder(d):
         return "an attnzoo run folder"
     try:
-        if any(c.is_dir() and _is_run_folder(c) for c in d.iterdir()):
+        if any(c.is_dir() and is_run_folder(c) for c in d.iterdir()):
             return "holds attnzoo run folders"
     except OSError:
         return None

@@ -267,7 +267,7 @@ def render_sample(
     return canvas, (int(bbox[0]), int(bbox[1]), int(bbox[2]), int(bbox[3]))
 
 
-def _sample_rng(seed: int, split: str, class_index: int, index: int) -> np.random.Generator:
+def sample_rng(seed: int, split: str, class_index: int, index: int) -> np.random.Generator:
     """Child generator of one image; independent of generation order."""
     return np.random.default_rng([seed, _SPLITS.index(split), class_index, index])
 
@@ -309,7 +309,7 @@ def _generate(out: pathlib.Path, seed: int, n_train: int, n_valid: int, size: in
             folder = out / split / cls
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                img, box = render_sample(_sample_rng(seed, split, ci, i), cls, size)
+                img, box = render_sample(sample_rng(seed, split, ci, i), cls, size)
                 name = f"{cls}_{i:05d}.png"
                 img.save(folder / name, format="PNG")
                 rows.append((f"{split}/{cls}/{name}", *box))

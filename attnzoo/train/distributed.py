@@ -197,7 +197,6 @@ class Training:
         parts = _parts()
         self.learn, self.world_size, self.backend = learn, world_size(), backend()
         self.sync_bn, self.bs = bool(sync_bn and is_distributed()), int(learn.dls.train.bs)
-        self.train_batches = [0] * self.world_size  # per rank, gathered when a fit ends
         self._tally = parts.Tally()
         self._cbs = [self._tally]
         if is_distributed():
@@ -210,15 +209,13 @@ class Training:
         self.learn.add_cbs(self._cbs)
         return self
 
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
+    def __exit__(self, *_: Any) -> None:
         self.learn.remove_cbs(self._cbs)
-        if exc_type is None:
-            self.train_batches = gather(self._tally.batches)
 
     def summary(self) -> dict[str, Any]:
         """How the training was spread over processes, for the run folder's ``attnzoo.json``."""
         return dict(world_size=self.world_size, backend=self.backend, sync_bn=self.sync_bn,
-                    effective_bs=self.bs * self.world_size, train_batches=self.train_batches)
+                    effective_bs=self.bs * self.world_size, train_batches=self._tally.gathered)
 
 
 def _swap_batch_norm(model: Any) -> list[tuple[Any, str, Any]]:
@@ -325,13 +322,18 @@ def _parts() -> Any:
             self.swapped = []
 
     class Tally(Callback):
-        """Training batches this process ran."""
+        """Training batches this process ran; ``gathered``: every process's, when a fit ends (every process ends
+        its fits together, so the gather meets)."""
 
         def __init__(self) -> None:
             self.batches = 0
+            self.gathered = [0] * world_size()
 
         def after_batch(self) -> None:
             if self.training:
                 self.batches += 1
+
+        def after_fit(self) -> None:
+            self.gathered = gather(self.batches)
 
     return SimpleNamespace(ShardedDL=ShardedDL, WholeSet=WholeSet, Trainer=Trainer, Tally=Tally)

@@ -98,7 +98,7 @@ def attention_learner(
 
 def train(learn: Learner, epochs: int, lr: float | None = None, freeze_epochs: int = 1) -> None:
     """``fit_one_cycle``; with pretrained weights, ``freeze_epochs`` with the body frozen first (like ``fine_tune``)."""
-    for frozen, n, phase_lr in _phases(getattr(learn, "attnzoo", {}).get("pretrained", False), epochs,
+    for frozen, n, phase_lr in phases(getattr(learn, "attnzoo", {}).get("pretrained", False), epochs,
                                        freeze_epochs, lr or learn.lr):
         learn.freeze() if frozen else learn.unfreeze()
         learn.fit_one_cycle(n, phase_lr)
@@ -119,7 +119,7 @@ def suggest_lr(learn: Learner, num_it: int = 100) -> float:
             learn.path = path
 
 
-def _phases(pretrained: bool, epochs: int, freeze_epochs: int, lr: float) -> list[tuple[bool, int, Any]]:
+def phases(pretrained: bool, epochs: int, freeze_epochs: int, lr: float) -> list[tuple[bool, int, Any]]:
     """(frozen, epochs, lr) per ``fit_one_cycle``: like ``fine_tune`` when pretrained."""
     if pretrained and freeze_epochs > 0:
         return [(True, freeze_epochs, lr), (False, epochs, slice(lr / 100, lr / 2))]

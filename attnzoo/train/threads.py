@@ -4,14 +4,16 @@ torch starts one OpenMP thread per core. On a machine shared with other jobs an 
 thread the kernel has descheduled, and every parallel op stalls: on the 2-core development machine, with one
 other busy process, two threads ran a training step 3.4x slower than one; on the quiet machine two threads were
 1.9x faster than one (``benchmarks/threads.py``). So ``"auto"`` takes the cores that are idle when the command
-starts, less one per DataLoader worker process (each runs on a core of its own). Idle is measured, not
-inferred from the 1-minute load average, which still counts a job that ended a minute ago: the CPU time the
-kernel reports (``/proc/stat``) over a quarter of a second; elsewhere the load average. This file does not
-import torch until a count is applied.
+starts, less one per DataLoader worker process (each runs on a core of its own), and a fit follows the machine
+while it runs (``callbacks.FollowIdleCores``): a job that starts beside it takes a thread away, one that ends
+gives it back. Idle is measured, not inferred from the 1-minute load average, which still counts a job that
+ended a minute ago: the CPU time the kernel reports (``/proc/stat``) less this process's own (``CpuMeter``);
+elsewhere the load average. This file does not import torch until a count is applied.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -19,38 +21,64 @@ from ..errors import AttnzooError
 
 AUTO = "auto"
 SAMPLE_SECONDS = 0.25
+# a core another job keeps busy a third of the time already makes an OpenMP barrier wait on it: count it as taken
+TAKEN_FROM = 0.3
+
+
+class CpuMeter:
+    """How many cores other processes keep busy: the kernel's CPU time counters (``/proc/stat``, every process)
+    less this process's own CPU time (``time.process_time``, all its threads), over the time since the last
+    reading. Reading it costs no sleep, so a running fit reads it between batches; ``others`` is None where
+    there are no counters."""
+
+    def __init__(self) -> None:
+        self._last = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        if len(fields) < 4:
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle, time.process_time(), time.monotonic()  # user..steal (guest is in user)
+
+    def others(self) -> float | None:
+        """Cores busy with other processes since the last call (or since the meter was made)."""
+        now, last = self._read(), self._last
+        self._last = now
+        if now is None or last is None or now[0] <= last[0] or now[3] <= last[3]:
+            return None
+        busy = (os.cpu_count() or 1) * (1 - (now[1] - last[1]) / (now[0] - last[0]))
+        own = (now[2] - last[2]) / (now[3] - last[3])
+        return max(0.0, busy - own)
 
 
 def _busy_cores(seconds: float = SAMPLE_SECONDS) -> float | None:
-    """Cores busy over ``seconds``, from the kernel's CPU time counters; None where there are none."""
+    """Cores busy with other processes over ``seconds`` (this one sleeps meanwhile)."""
+    meter = CpuMeter()
+    time.sleep(seconds)
+    return meter.others()
 
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]), idle  # user..steal; guest time is already in user
 
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
+def free_cores(others: float, cpus: int | None = None) -> int:
+    """The CPUs this process may use (at least 1) that ``others`` busy cores leave free."""
+    cpus = cpus or cpu_budget()
+    return max(1, min(cpus, cpus - math.floor(others + 1 - TAKEN_FROM)))
 
 
 def idle_cores() -> int:
     """CPUs this process may use that nobody is using now (at least 1)."""
-    cpus = cpu_budget()
     busy = _busy_cores()
     if busy is None:
         try:
             busy = os.getloadavg()[0]
         except (AttributeError, OSError):  # neither: assume a quiet machine
             busy = 0.0
-    return max(1, min(cpus, cpus - round(busy)))
+    return free_cores(busy)
 
 
 def check_threads(threads: int | str | None) -> int | str | None:
