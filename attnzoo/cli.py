@@ -7,9 +7,11 @@ inside training exits 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,13 +26,64 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "json_out": None}
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (a folder name can hold an escape sequence that drives
+    the terminal) and undecodable bytes shown as escapes, as Python's repr shows them."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 def _console(stderr: bool = False) -> Any:
+    """A rich console that prints every string through ``printable``."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    class SafeConsole(Console):
+        def print(self, *objects: Any, **kwargs: Any) -> None:
+            super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+    return SafeConsole(stderr=stderr, highlight=False)
+
+
+def _emit_json(value: Any) -> None:
+    """``value`` as JSON on the command's stdout (``_json_stdout``), whatever else was printed meanwhile."""
+    from .runs.outputs import strict_json
+
+    out = _state.get("json_out") or sys.stdout
+    out.write(json.dumps(strict_json(value), indent=2, default=str, allow_nan=False) + "\n")
+    out.flush()
+
+
+@contextlib.contextmanager
+def _json_stdout(argv: list[str]) -> Iterator[None]:
+    """With ``--json``, stdout holds the JSON alone: anything else printed while the command runs (a plugin's
+    print at import or in ``forward``, even from C) goes to stderr."""
+    if "--json" not in argv:
+        yield
+        return
+    out, saved = sys.stdout, None
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None  # not a real stream (captured): Python-level prints are all there is
+    if fd is not None:
+        out.flush()
+        saved = os.dup(fd)
+        os.dup2(sys.stderr.fileno(), fd)
+        _state["json_out"] = os.fdopen(os.dup(saved), "w")
+    else:
+        _state["json_out"] = out
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout = out
+        if saved is not None:
+            _state["json_out"].close()
+            os.dup2(saved, fd)
+            os.close(saved)
+        _state["json_out"] = None
 
 
 def _print_version(value: bool) -> None:
@@ -61,7 +114,7 @@ def _print_table(console: Any, title: str, columns: list[str], rows: list[list[A
 
     if not console.is_terminal:
         def plain(v: Any) -> str:
-            return Text.from_markup(str(v)).plain.replace("\t", " ").replace("\n", "; ")
+            return printable(Text.from_markup(str(v)).plain.replace("\t", " ").replace("\n", "; "))
 
         for line in [f"# {plain(title)}", *("\t".join(map(plain, r)) for r in [columns, *rows])]:
             print(line, file=console.file)  # as it is: rich would expand the tabs
@@ -71,7 +124,7 @@ def _print_table(console: Any, title: str, columns: list[str], rows: list[list[A
     for i, c in enumerate(columns):
         table.add_column(c, no_wrap=i == 0 or c in whole, overflow="fold")
     for r in rows:
-        table.add_row(*[str(v) for v in r])
+        table.add_row(*[printable(str(v)) for v in r])
     console.print(table)
 
 
@@ -112,9 +165,11 @@ def fit(ctx: typer.Context, **options: Any) -> None:
     console = _console()
     err = _console(stderr=True)
     example: list[Path] = []  # a validation image, for the hint at the end
+    data_warnings: list[str] = []
 
     def on_data(info: Any, run_dir: Path) -> None:
         example[:] = info.valid[:1]
+        data_warnings[:] = info.warnings
         counts = info.counts()
         rows = [[c, counts["train"][c], counts["valid"][c]] for c in info.classes]
         rows.append(["[bold]total", len(info.train), len(info.valid)])
@@ -140,6 +195,12 @@ def fit(ctx: typer.Context, **options: Any) -> None:
 
         from rich.markup import escape
 
+        from .runs.folder import RunFolder
+
+        shown = set(data_warnings)
+        for note in RunFolder.open(run_dir).record.get("warnings", []):  # what training found (a divergence, ...)
+            if note not in shown:
+                err.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
         run, image = shlex.quote(str(run_dir)), shlex.quote(str(example[0])) if example else "IMAGE"
         console.print(f"[green]run folder:[/] {escape(str(run_dir))}", soft_wrap=True)
         for what, command in (("see where it looks", f"attnzoo show-attention {image} --run {run}"),
@@ -210,8 +271,8 @@ def predict(
     """Predict the class of IMAGES with a trained run."""
     r, tops, _ = _predict(images, run, top, threads)
     if as_json:
-        print(json.dumps([{"image": str(p), "top": [{"class": c, "prob": round(v, 6)} for c, v in t]}
-                          for p, t in zip(images, tops)], indent=2))
+        _emit_json([{"image": str(p), "top": [{"class": c, "prob": round(v, 6)} for c, v in t]}
+                          for p, t in zip(images, tops)])
         return
     cols = ["image", *(f"#{k + 1}" for k in range(len(tops[0])))]
     _print_table(_console(), f"predictions ({r.path})", cols,
@@ -235,7 +296,7 @@ def list_modules(
     qualified = [q for q in qualified_names() if fnmatch.fnmatchcase(q.partition(":")[2], pattern)]
     specs = [get_attention(n) for n in list_attention(pattern) + qualified]
     if as_json:
-        print(json.dumps([s.to_dict() for s in specs], indent=2, default=str))
+        _emit_json([s.to_dict() for s in specs])
         return
     console = _console()
     rows = [[escape(str(v)) for v in (s.name, s.kind, s.source, s.summary,
@@ -263,7 +324,7 @@ def layers(
 
     sites = get_layers(backbone, img_size, all=all_sites)
     if as_json:
-        print(json.dumps([s.to_dict() for s in sites], indent=2))
+        _emit_json([s.to_dict() for s in sites])
         return
     rows = []
     for s in sites:
@@ -287,7 +348,7 @@ def plugins(
 
     statuses = plugin_status()
     if as_json:
-        print(json.dumps([asdict(st) for st in statuses], indent=2))
+        _emit_json([asdict(st) for st in statuses])
         return
     rows = []
     for st in statuses:
@@ -350,7 +411,7 @@ def interpret(
                                cam_at=cam_at, tolerance=tolerance, road_images=road_images,
                                sanity_images=sanity_images, progress=progress)
     if as_json:
-        print(json.dumps(result.to_dict(), indent=2))
+        _emit_json(result.to_dict())
         return
     console.print(f"validation accuracy {result.accuracy:.1%} on {result.n_images} images")
     if result.confused:
@@ -374,16 +435,11 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Compare RUNS side by side: accuracy, loss, size, speed and localisation scores; writes a bar chart."""
-    from .explain import figures
-    from .explain.compare import compare_figure, compare_runs
-    from .runs.outputs import check_new_file
+    from .explain.compare import compare as compare_runs
 
-    if out is not None:
-        check_new_file(out)
-    rows = compare_runs(runs)
-    written = figures.save_new_figure(compare_figure(rows), out or Path("compare.png"), fresh=out is None)
+    rows, written = compare_runs(runs, out)
     if as_json:
-        print(json.dumps(rows, indent=2, default=str))
+        _emit_json(rows)
         return
 
     def num(v: Any, digits: int = 3) -> str:
@@ -417,7 +473,7 @@ def doctor(
 
     checks = run_checks()
     if as_json:
-        print(json.dumps([c.to_dict() for c in checks], indent=2))
+        _emit_json([c.to_dict() for c in checks])
     else:
         colors = {"ok": "green", "warn": "yellow", "fail": "red"}
         rows = [[escape(c.name), f"[{colors[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix)]
@@ -437,11 +493,12 @@ def export(
                                              "(torch.export).")] = "onnx",
     maps: Annotated[bool, typer.Option("--maps/--no-maps", help="Add one attention map output per site.")] = True,
     out: Annotated[Path | None, typer.Option(help="File to write (default: <run name>.<format>).")] = None,
+    threads: Threads = "auto",
 ) -> None:
     """Export a run for deployment, dynamic batch; checked against PyTorch before it is written."""
     from .runs.export import export as export_run
 
-    result = export_run(run, out, format=format, maps=maps)
+    result = export_run(run, out, format=format, maps=maps, threads=threads)
     _console().print(f"[green]{result.format}:[/] {result.path}  outputs {', '.join(result.outputs)}; "
                      f"max |difference| from PyTorch {result.max_diff:.1e} at batch sizes "
                      f"{', '.join(map(str, result.batches))}")
@@ -495,7 +552,8 @@ def _run_app(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
     _state["debug"] = False  # until --debug is parsed, also for a second main() in one process
     try:
-        code = _command().main(args=argv, prog_name="attnzoo", standalone_mode=False)
+        with _json_stdout(sys.argv[1:] if argv is None else argv):
+            code = _command().main(args=argv, prog_name="attnzoo", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)

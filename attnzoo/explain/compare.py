@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..runs.folder import WEIGHTS, RunFolder
+from ..errors import AttnzooError
+from ..runs.folder import CONFIG, WEIGHTS, RunFolder, parameter_count
 from .charts import bar_figure
 from .report import best_map, score_table, time_per_epoch
-
-
-def param_count(weights: str | Path) -> int:
-    """Parameters in a safetensors file, from its header alone (normalisation running statistics excluded)."""
-    with open(weights, "rb") as f:
-        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-    skip = ("running_mean", "running_var", "num_batches_tracked")
-    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__" and not k.endswith(skip))
 
 
 def compare_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -31,13 +22,17 @@ def compare_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         p = Path(p)
         cfg = RunFolder(p).read_config()
         final = (cfg.get("metrics") or {}).get("final") or {}
-        table = score_table(cfg.get("localization"), cfg.get("faithfulness"))
+        try:
+            table = score_table(cfg.get("localization"), cfg.get("faithfulness"))
+        except (TypeError, ValueError, KeyError, AttributeError) as e:  # scores hand-edited past any use
+            raise AttnzooError(f"{p / CONFIG}: its localisation or faithfulness scores cannot be read "
+                               f"({type(e).__name__}: {e})") from None
         best, cam_row = best_map(table, ("tap", "gate", "attention")), best_map(table, ("cam", "grad-cam"))
         nan = float("nan")
         out.append(dict(
             run=p.name, path=str(p), backbone=cfg.get("backbone"), attn=cfg.get("attn"), sites=cfg.get("sites") or [],
             accuracy=final.get("accuracy", nan), valid_loss=final.get("valid_loss", nan),
-            params=param_count(p / WEIGHTS) if (p / WEIGHTS).is_file() else None,
+            params=parameter_count(p / WEIGHTS) if (p / WEIGHTS).is_file() else None,
             time_per_epoch=time_per_epoch(cfg), epochs=len((cfg.get("metrics") or {}).get("per_epoch") or []),
             best_site=best[0] if best else None,
             pointing=best[1]["pointing"] if best else nan, energy=best[1]["energy"] if best else nan,
@@ -61,3 +56,17 @@ def compare_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
         if not all(math.isnan(v) for v in values):
             series[label] = values
     return bar_figure(names, series, "runs compared", "validation score")
+
+
+def compare(paths: Sequence[str | Path], out: str | Path | None = None) -> tuple[list[dict[str, Any]], Path]:
+    """What ``attnzoo compare`` does: the rows of ``compare_runs`` and their bar chart, written to ``out`` (a new
+    file, never one that exists; default ``compare.png``, or ``compare-2.png``... when taken)."""
+    from ..runs.outputs import check_new_file, refuse_data_folder
+    from . import figures
+
+    if out is not None:
+        check_new_file(out)
+        refuse_data_folder(out)
+    rows = compare_runs(paths)
+    written = figures.save_new_figure(compare_figure(rows), out or Path("compare.png"), fresh=out is None)
+    return rows, written

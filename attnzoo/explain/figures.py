@@ -536,12 +536,22 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = DEFAULT_DPI) -> Path:
     if not out.suffix:
         out = out.with_suffix(".png")
     try:
-        _drawable_text(fig)
-        replace(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=dpi, bbox_inches="tight",
-                                                   pad_inches=0.08, facecolor="white"))
+        replace(out, _writer(fig, out, dpi))
     finally:
         _close(fig)
     return out
+
+
+def _writer(fig: Figure, out: Path, dpi: int) -> Any:
+    """``write(tmp)`` saving ``fig`` in ``out``'s format, its texts made drawable; a PNG carries attnzoo's mark
+    (``outputs.OWN_MARK``), so that ``fit`` never reads a figure of attnzoo's as training data."""
+    from ..runs.outputs import own_mark
+
+    _drawable_text(fig)
+    fmt = out.suffix.lstrip(".").lower() or "png"
+    meta = own_mark() if fmt == "png" else {}
+    return lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.08,
+                                   facecolor="white", metadata=meta)
 
 
 def printable(text: str) -> str:
@@ -575,10 +585,8 @@ def save_new_figure(fig: Figure, path: str | Path, *, fresh: bool = True, dpi: i
     from ..runs.outputs import write_new
 
     out = Path(path)
-    fmt = out.suffix.lstrip(".").lower() or "png"
+    out = out if out.suffix else out.with_suffix(".png")
     try:
-        _drawable_text(fig)
-        return write_new(out if out.suffix else out.with_suffix(".png"), lambda tmp: fig.savefig(
-            tmp, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.08, facecolor="white"), fresh=fresh)
+        return write_new(out, _writer(fig, out, dpi), fresh=fresh)
     finally:
         _close(fig)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runs.outputs import replace
+from ..runs.outputs import replace, strict_json
 from ..runs.predict import Run
 from .metrics import flags
 
@@ -332,17 +332,6 @@ class Interpretation:
 
     def to_dict(self) -> dict[str, Any]:
         """Every number, for ``interpret --json``: strict JSON (a score not measured is null, never NaN)."""
-        return _finite(dict(accuracy=self.accuracy, images=self.n_images, most_confused=self.confused,
+        return strict_json(dict(accuracy=self.accuracy, images=self.n_images, most_confused=self.confused,
                             table=self.table, localization=self.localization, faithfulness=self.faithfulness,
                             files={k: str(v) for k, v in self.files.items()}))
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every NaN (at any depth) as None."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value

@@ -20,7 +20,7 @@ def show_attention(run: Run | str | Path, images: Sequence[str | Path], out: str
     ``out``: a ``.png`` file (one image) or a folder (default ``RUN/attention``). No file is written over:
     see ``outputs.per_image_outputs``. ``threads``: as ``fit``'s. Returns ``(image, top predictions, file
     written)`` per image."""
-    from ..runs.outputs import existing_files, per_image_outputs
+    from ..runs.outputs import existing_files, per_image_outputs, refuse_data_folder
     from ..train.threads import use_threads
 
     if top < 1:
@@ -28,6 +28,8 @@ def show_attention(run: Run | str | Path, images: Sequence[str | Path], out: str
     images = existing_files(images)
     folder = Path(run.path or ".") if isinstance(run, Run) else Path(run)
     targets, fresh = per_image_outputs(images, out, folder / FIGURES)
+    if out is not None:
+        refuse_data_folder(out)
     use_threads(threads)
     if not isinstance(run, Run):
         run = load_run(folder)

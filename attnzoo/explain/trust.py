@@ -18,13 +18,13 @@ classifier leans on the deeper taps. Its decision share says so (``fit`` records
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..runs.outputs import strict_json
 from . import metrics
 
 
@@ -120,11 +120,6 @@ def ordered(maps: Mapping[str, Any], recorded: Mapping[str, Mapping[str, Any]] |
     return {label(s, recorded.get(s)): maps[s] for s in order}
 
 
-def finite(verdict: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON-ready: NaN scores as None."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in verdict.items()}
-
-
 def valid_batches(learn: Any, limit: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fastai Learner's validation batches (images, class indices), in the order of its items, as plain tensors:
     read straight from the loader, so no callback of a fit that may be running is called again."""
@@ -155,5 +150,5 @@ def from_learner(learn: Any, info: Any, img_size: int, limit: int = 512) -> dict
     boxes = None
     if has_boxes(info.root):
         boxes = load_boxes(info.root, list(learn.dls.valid.items)[:n], img_size)
-    return {s: finite(v) for s, v in verdicts(shares, {k: torch.cat(v) for k, v in maps.items()}, boxes,
+    return {s: strict_json(v) for s, v in verdicts(shares, {k: torch.cat(v) for k, v in maps.items()}, boxes,
                                                img_size).items()}

@@ -115,8 +115,10 @@ def time_limit() -> float:
         limit = float(value)
     except ValueError:
         limit = 0.0
-    if not 0 < limit < float("inf"):
-        raise AttnzooError(f"ATTNZOO_PLUGIN_TIMEOUT must be a number of seconds above 0, got '{value}'")
+    most = min(threading.TIMEOUT_MAX, 86_400.0)  # a thread cannot wait longer; nor should an import wait a day
+    if not 0 < limit <= most:
+        raise AttnzooError(f"ATTNZOO_PLUGIN_TIMEOUT must be a number of seconds above 0 and at most {most:g}, "
+                           f"got '{value}'")
     return limit
 
 
@@ -362,6 +364,12 @@ class PluginManager:
         if spec is None and len(top) > 1:
             options = ", ".join(f"'{d}:{name}'" for d in top)
             raise AttnzooError(f"attention '{name}' is provided by {' and '.join(top)}; pick one: {options}")
+        if spec is None:  # a plugin that would provide it failed: say why, not "unknown"
+            for d in dists.values():
+                if any(e.ep.name == name for e in d.entries) and (d.failures or d.tampered):
+                    why = "; ".join(d.failures) or f"it modified attnzoo ({', '.join(d.tampered)})"
+                    raise AttnzooError(f"attention '{name}' comes from the plugin {d.name}, which failed to load: "
+                                       f"{why} (see 'attnzoo plugins')")
         return spec
 
     def find_all(self) -> None:

@@ -14,6 +14,7 @@ A file is never written over (``attnzoo.outputs``).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -93,13 +94,17 @@ def _model_and_meta(run_or_model: Any) -> tuple[AttentionModel, dict[str, str], 
 
 
 def export(run_or_model: Any, path: str | os.PathLike | None = None, format: Format = "onnx", maps: bool = True,
-           atol: float = ATOL, rtol: float = RTOL) -> Exported:
+           atol: float = ATOL, rtol: float = RTOL, threads: int | str | None = None) -> Exported:
     """Export a run (folder, ``Run``) or an ``AttentionModel`` to ``path`` (default ``<run name>.<format>``, moving
-    on to ``-2``... when taken; a ``path`` given that exists is an error). See the module docstring."""
+    on to ``-2``... when taken; a ``path`` given that exists is an error). ``threads``: as ``fit``'s. See the module
+    docstring."""
+    from ..train.threads import use_threads
+
     if format not in ("onnx", "pt2"):
         raise AttnzooError(f"format must be onnx or pt2, got '{format}'")
     if path is not None:
         check_new_file(path, "export file")
+    use_threads(threads)
     model, meta, name = _model_and_meta(run_or_model)
     target = Path(path) if path is not None else Path(f"{name}.{format}")
     was_training = model.training
@@ -175,8 +180,11 @@ def _pt2(wrapper: WithMaps, example: torch.Tensor, checks: list[torch.Tensor], e
          tmp: Path, meta: dict[str, str], atol: float, rtol: float) -> float:
     with torch.no_grad():
         program = torch.export.export(wrapper, (example,), dynamic_shapes=_dynamic_batch())
-    torch.export.save(program, str(tmp), extra_files={CONFIG: json.dumps(meta)})
-    loaded = torch.export.load(str(tmp)).module()
+    # through a buffer: torch warns about (and refuses to load) any file whose name does not end in .pt2
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={CONFIG: json.dumps(meta)})
+    tmp.write_bytes(buffer.getvalue())
+    loaded = torch.export.load(io.BytesIO(buffer.getvalue())).module()
     worst = 0.0
     with torch.no_grad():
         for x, want in zip(checks, expected):

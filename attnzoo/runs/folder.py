@@ -91,8 +91,8 @@ class SkippedFile(_Strict):
 
 
 class Metrics(_Strict):
-    per_epoch: list[dict[str, Any]] = Field(default_factory=list)
-    final: dict[str, Any] = Field(default_factory=dict)
+    per_epoch: list[dict[str, float]] = Field(default_factory=list)  # epoch, losses, metrics, seconds
+    final: dict[str, float] = Field(default_factory=dict)
 
 
 class Best(_Strict):

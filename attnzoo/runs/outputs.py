@@ -63,6 +63,83 @@ def replace_text(path: str | os.PathLike, text: str) -> Path:
     return replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` as strict JSON takes it: every NaN or infinity, at any depth, as None (null), tuples as lists,
+    numpy numbers as Python's. JSON has no NaN, and strict parsers refuse the bare ``NaN`` Python writes."""
+    import math
+
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        value = value.item()  # a numpy scalar
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+OWN_MARK = "attnzoo"  # the PNG "Software" text of attnzoo's figures
+
+
+def own_mark() -> dict[str, str]:
+    """The metadata that marks a PNG as attnzoo's own figure."""
+    from .. import __version__
+
+    return {"Software": f"{OWN_MARK} {__version__}"}
+
+
+def is_own_figure(image: Any) -> bool:
+    """An opened PIL image that attnzoo drew (``own_mark``): an output, never data."""
+    return str(getattr(image, "info", {}).get("Software", "")).startswith(OWN_MARK + " ")
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def _user_images(folder: Path, limit: int = 20) -> list[Path]:
+    """Up to ``limit`` image files directly in ``folder`` that attnzoo did not draw."""
+    from PIL import Image
+
+    found = []
+    try:
+        entries = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    except OSError:
+        return []
+    for image in entries:
+        try:
+            with Image.open(image) as im:
+                if is_own_figure(im):
+                    continue
+        except Exception:
+            continue
+        found.append(image)
+        if len(found) >= limit:
+            break
+    return found
+
+
+def refuse_data_folder(path: str | os.PathLike, data_root: str | os.PathLike | None = None,
+                       what: str = "--out") -> None:
+    """Figures must not land where ``fit`` reads images: inside the run's data folder (``data_root``), or in a
+    class folder (a folder of the user's images beside other such folders). One line, before any work."""
+    target = Path(path).absolute()
+    if data_root is not None and target.resolve().is_relative_to(Path(data_root).resolve()):
+        raise AttnzooError(f"{what} {path} is inside the run's data folder {data_root}: figures there would be "
+                           f"read as training images; choose another folder")
+    place = target if target.is_dir() else target.parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    images = _user_images(place)
+    if not images or place.parent == place:
+        return
+    siblings = [d for d in place.parent.iterdir() if d.is_dir() and d != place and _user_images(d, 1)]
+    if siblings:
+        raise AttnzooError(f"{what} {path}: {place} holds images ({images[0].name}, ...) beside other folders of "
+                           f"images ({siblings[0].name}/): it looks like a class folder of a data set, and figures "
+                           f"there would be read as training images; choose another folder")
+
+
 def _numbered(path: Path, n: int) -> Path:
     return path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
 

@@ -488,6 +488,33 @@ class RankZeroFinish(RunCallback):
         raise NotImplementedError
 
 
+class Divergence(RankZeroFinish):
+    """A run whose loss blew up is not "done" without a word: a warning in the record (and on screen) when the
+    final validation loss is more than ``factor`` times that of guessing, ln(classes) (a uniform prediction's
+    cross-entropy: no trained model needs to be that bad), or more than ``factor`` times the first epoch's."""
+
+    order = RankZeroFinish.order - 1
+
+    def __init__(self, state: RunState, n_classes: int, factor: float = 10.0) -> None:
+        super().__init__(state)
+        self.n_classes, self.factor = n_classes, factor
+
+    def finish(self) -> None:
+        losses = [row["valid_loss"] for row in self.state.history if "valid_loss" in row]
+        if not losses:
+            return
+        guess = math.log(max(self.n_classes, 2))
+        why = []
+        if losses[-1] > self.factor * guess:
+            why.append(f"more than {self.factor:g} times that of guessing (ln {self.n_classes} = {guess:.2f})")
+        if len(losses) > 1 and losses[-1] > self.factor * losses[0]:
+            why.append(f"more than {self.factor:g} times the first epoch's ({losses[0]:.3g})")
+        if why:
+            record = self.state.folder.record
+            record["warnings"] = [*record.get("warnings", []), f"the run diverged: its final validation loss "
+                                  f"{losses[-1]:.3g} is {' and '.join(why)}; try a lower --lr"]
+
+
 class DecisionShares(RankZeroFinish):
     """Which map carries the decision (``explain.trust``), into the record's ``maps``. A failure here is a
     warning in the record: the trained model matters more."""

@@ -33,6 +33,7 @@ from typing import Any
 
 from ..errors import AttnzooError
 from ..runs.folder import is_run_folder
+from ..runs.outputs import is_own_figure
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 VALID_NAMES = ("valid", "val", "validation", "test")
@@ -181,6 +182,8 @@ def check_image(path: Path) -> str | None:
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"
         with _open_bounded(path) as im:  # (scan_images silences PIL's warning around the threads)
+            if is_own_figure(im):
+                return "attnzoo's own figure, not data"
             w, h = im.size
             im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
             im.load()
@@ -225,12 +228,19 @@ def _ignored_dir(d: Path) -> str | None:
     return None
 
 
-def _files(folder: Path) -> list[Path]:
+def _files(folder: Path, ignored: Ignored | None = None) -> list[Path]:
     """Every non-folder entry under ``folder`` (symlinked files included, broken ones too); symlinked,
-    hidden, system and run folders are not entered."""
+    hidden, system and run folders are not entered: they go to ``ignored``."""
     found = []
     for top, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if _ignored_dir(Path(top) / d) is None]
+        keep = []
+        for d in dirs:
+            why = _ignored_dir(Path(top) / d)
+            if why is None:
+                keep.append(d)
+            elif ignored is not None:
+                ignored.add(Path(top) / d, why)
+        dirs[:] = keep
         for name in files:
             p = Path(top) / name
             if p.is_file() or (p.is_symlink() and not p.exists()):
@@ -238,9 +248,20 @@ def _files(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _class_dirs(folder: Path, ignored: dict[str, str] | None = None) -> list[Path]:
-    """The subfolders of ``folder`` that hold data; the others go to ``ignored`` ({name: why}). A symlinked
-    folder that leads back to ``folder`` or above it, or to the same place as another, is refused."""
+class Ignored(dict):
+    """Folders that are not data, ``{path below the data root: why}``: named in a warning."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def add(self, folder: Path, why: str) -> None:
+        self[Path(folder).relative_to(self.root).as_posix()] = why
+
+
+def _class_dirs(folder: Path, ignored: Ignored | None = None) -> list[Path]:
+    """The subfolders of ``folder`` that hold data; the others go to ``ignored``. A symlinked folder that leads
+    back to ``folder`` or above it, or to the same place as another, is refused."""
     out, targets = [], {}
     for d in sorted(folder.iterdir()):
         if not d.is_dir():
@@ -248,7 +269,7 @@ def _class_dirs(folder: Path, ignored: dict[str, str] | None = None) -> list[Pat
         why = _ignored_dir(d)
         if why is not None:
             if ignored is not None:
-                ignored[d.name] = why
+                ignored.add(d, why)
             continue
         real = d.resolve()
         if d.is_symlink() and folder.resolve().is_relative_to(real):
@@ -262,14 +283,15 @@ def _class_dirs(folder: Path, ignored: dict[str, str] | None = None) -> list[Pat
     return out
 
 
-def _labelled(folder: Path, labels: dict[Path, str], skipped: list[tuple[Path, str]], empty: list[str]) -> list[Path]:
+def _labelled(folder: Path, labels: dict[Path, str], skipped: list[tuple[Path, str]], empty: list[str],
+              ignored: Ignored) -> list[Path]:
     """Image files below ``folder``'s class subfolders (deeper nesting counts for that class: ``labels``
     maps each to its class folder's name); other files go to ``skipped`` with a reason, class folders with
-    no image file to ``empty``."""
+    no image file to ``empty``, folders that are not data to ``ignored``."""
     items = []
-    for d in _class_dirs(folder):
+    for d in _class_dirs(folder, ignored):
         found = 0
-        for p in _files(d):
+        for p in _files(d, ignored):
             if p.suffix.lower() in IMAGE_EXTENSIONS:
                 items.append(p)
                 labels[p] = d.name
@@ -289,7 +311,7 @@ def find_dataset(path: str | os.PathLike, valid_pct: float = 0.2, seed: int = 0,
     and every other left-out file are listed in ``skipped``. Problems that do not stop training (an empty
     class folder, a class with one image) are listed in ``warnings``.
     """
-    root = Path(path).expanduser()
+    root = Path(path).expanduser().absolute()  # recorded in the run: never resolved against another folder later
     if not root.exists():
         raise AttnzooError(f"data folder not found: {root}")
     if not root.is_dir():
@@ -297,7 +319,7 @@ def find_dataset(path: str | os.PathLike, valid_pct: float = 0.2, seed: int = 0,
     skipped: list[tuple[Path, str]] = []
     empty: list[str] = []
     labels: dict[Path, str] = {}
-    ignored: dict[str, str] = {}
+    ignored = Ignored(root)
     subdirs = _split_dirs(_class_dirs(root, ignored))
     if "seg_train" in subdirs:
         train_dir = subdirs["seg_train"]
@@ -306,19 +328,21 @@ def find_dataset(path: str | os.PathLike, valid_pct: float = 0.2, seed: int = 0,
         if test_dir is not None and (test_dir / "seg_test").is_dir():
             test_dir = test_dir / "seg_test"
         layout, class_root = "intel", train_dir
-        train = _labelled(train_dir, labels, skipped, empty)
-        valid = _labelled(test_dir, labels, skipped, []) if test_dir else []
+        train = _labelled(train_dir, labels, skipped, empty, ignored)
+        valid_dir = test_dir
+        valid = _labelled(test_dir, labels, skipped, [], ignored) if test_dir else []
     elif "train" in subdirs and _class_dirs(subdirs["train"]):  # a flat set may have a class called 'train'
         valid_dir = next((subdirs[n] for n in VALID_NAMES if n in subdirs), None)
         unused = [subdirs[n].name for n in VALID_NAMES if n in subdirs and subdirs[n] != valid_dir]
         if unused:
             ignored.update({n: f"not used: {valid_dir.name}/ is the validation split" for n in unused})
         layout, class_root = "train/valid", subdirs["train"]
-        train = _labelled(subdirs["train"], labels, skipped, empty)
-        valid = _labelled(valid_dir, labels, skipped, []) if valid_dir else []
+        train = _labelled(subdirs["train"], labels, skipped, empty, ignored)
+        valid = _labelled(valid_dir, labels, skipped, [], ignored) if valid_dir else []
     else:
         layout, class_root = "folder", root
-        train, valid = _labelled(root, labels, skipped, empty), []
+        valid_dir = None
+        train, valid = _labelled(root, labels, skipped, empty, ignored), []
     if check:
         bad = scan_images(train + valid, workers)
         skipped += list(bad.items())
@@ -330,6 +354,9 @@ def find_dataset(path: str | os.PathLike, valid_pct: float = 0.2, seed: int = 0,
     if not train:
         why = f" ({len(skipped)} files skipped as unusable)" if skipped else ""
         raise AttnzooError(f"no usable images found in class subfolders of {class_root}{why}")
+    if valid_dir is not None and not valid:  # never the training images as "validation" without a word
+        raise AttnzooError(f"{valid_dir} holds no usable images: add some, or remove the folder to split "
+                           f"{class_root.name}/ at random (--valid-pct)")
     classes = sorted({labels[p] for p in train} | {labels[p] for p in valid})
     if not valid:
         if not 0 < valid_pct < 1:
@@ -377,14 +404,17 @@ def _random_split(items: list[Path], labels: dict[Path, str], valid_pct: float,
     return sorted(train), sorted(valid)
 
 
-def resolve_data(data: str, seed: int = 0, progress: Any = None) -> Path:
+def resolve_data(data: str, seed: int = 0, progress: Any = None, notes: list[str] | None = None) -> Path:
     """``demo`` -> the cached demo set (generated on first use, ``progress(done, total)`` per image); anything
-    else is a path."""
+    else is a path. ``notes`` is told when a folder named ``demo`` here is not the one used."""
     if not isinstance(data, str) or not data.strip():
         raise AttnzooError("--data is empty: give an image folder, or 'demo' for the built-in set")
     if data == "demo":
         from .demo import make_demo
 
+        if notes is not None and Path("demo").is_dir():
+            notes.append("--data demo is the built-in demo set, not the folder ./demo here (to train on that "
+                         "folder, pass --data ./demo)")
         return make_demo(seed=0, progress=progress)
     return Path(data)
 

@@ -144,7 +144,8 @@ def _train(settings: FitConfig, folder: RunFolder, *, console: Any, on_data: Any
         cb.RunStatus(state, start, p.info.skipped), cb.StopOnSignal(state), cb.NanGuard(state), cb.Resume(state),
         cb.History(state.history), cb.Checkpoints(state),
         cb.RichProgress(console, total_epochs=sum(n for _, n, _ in state.phases), done=done),
-        cb.DecisionShares(state, p.info, s.img_size), cb.FinishRun(state, p.training.summary),
+        cb.Divergence(state, len(p.info.classes)), cb.DecisionShares(state, p.info, s.img_size),
+        cb.FinishRun(state, p.training.summary),
         cb.RunPlots(state, s.img_size, p.mean, p.std, list(p.info.classes)),
     ]
     if s.threads == "auto":
@@ -182,7 +183,7 @@ def _prepare(settings: FitConfig, folder: RunFolder, resumed: dict[str, Any] | N
     from ..model.registry import get_attention, parse_options
     from ..model.sites import check_backbone, default_img_size, introspect, resolve_sites
     from .data import find_dataset, image_dataloaders, resolve_data
-    from .learner import attention_learner, suggest_lr
+    from .learner import attention_learner, check_batch, suggest_lr
     from .threads import use_threads
 
     s = settings
@@ -193,9 +194,11 @@ def _prepare(settings: FitConfig, folder: RunFolder, resumed: dict[str, Any] | N
     sites = resolve_sites(introspect(s.backbone, s.img_size), s.at, get_attention(s.attn).kind) if s.attn else []
     threads = use_threads(s.threads, s.num_workers or 0)
     set_seed(s.seed, reproducible=True)
+    notes: list[str] = []
     with cb.task_progress(console, "making the demo data set (once)") as progress:
-        root = resolve_data(s.data, s.seed, progress=progress)
+        root = resolve_data(s.data, s.seed, progress=progress, notes=notes)
     info = find_dataset(root, valid_pct=s.valid_pct, seed=s.seed)
+    info.warnings[:0] = notes
     if resumed is not None:
         _same_data(info, resumed["data"], folder.path)
     bs = _batch_size(s.bs, len(info.train), info.warnings)
@@ -212,6 +215,7 @@ def _prepare(settings: FitConfig, folder: RunFolder, resumed: dict[str, Any] | N
                               and resumed is None, pretrained_file=None if resumed else s.weights,
                               compile=s.compile, **options)
     learn.attnzoo["pretrained"] = bool(s.pretrained or s.weights)
+    check_batch(learn.model, bs, s.img_size)
     learn.path = folder.path  # fastai's own scratch files (lr_find) go to the run folder, never the data folder
     learn.remove_cb(ProgressCallback)
     learn.logger = lambda *_: None

@@ -17,6 +17,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam
 
+from ..errors import AttnzooError
 from ..model.create import AttentionModel, create_model
 from .callbacks import FlushDenormals, History, RichProgress
 
@@ -94,6 +95,30 @@ def attention_learner(
     if channels_last if channels_last is not None else on_gpu:
         learn.to_channelslast(use_amp=False)  # mixed precision, if any, was added just above
     return learn
+
+
+def check_batch(model: AttentionModel, bs: int, img_size: int) -> None:
+    """A training batch of ``bs`` images must train: batch norm needs more than one value per channel, which
+    ``--bs 1`` does not give where a map is 1x1. Found with a forward on the meta device (no memory, no time),
+    as one line before the run starts rather than a failure at its first batch."""
+    from torch.func import functional_call
+
+    named = [*model.named_parameters(), *model.named_buffers()]
+    params = {k: torch.empty_like(v, device="meta") for k, v in named}
+    was_training = model.training
+    model.train()
+    try:
+        functional_call(model, params, (torch.empty(bs, 3, img_size, img_size, device="meta"),), strict=False,
+                        tie_weights=False)
+    except ValueError as e:
+        if "Expected more than 1 value per channel" in str(e):
+            raise AttnzooError(f"--bs {bs} cannot train at {img_size} px: a batch norm layer would see one value "
+                               f"per channel; use --bs 2 or more, or a larger --img-size") from None
+    except Exception:  # an op without a meta kernel says nothing about the batch
+        pass
+    finally:
+        model.train(was_training)
+        model.capture_maps(True)
 
 
 def train(learn: Learner, epochs: int, lr: float | None = None, freeze_epochs: int = 1) -> None:
