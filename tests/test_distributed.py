@@ -21,7 +21,7 @@ from conftest import make_folder
 from attnzoo import load_run
 from attnzoo.cli import main
 from attnzoo.errors import AttnzooError
-from attnzoo.train import distributed
+from attnzoo.train import ddp, distributed
 
 FIT = ["fit", "--backbone", "test_resnet", "--attn", "lpa-pc", "--no-pretrained", "--epochs", "1", "--bs", "4",
        "--img-size", "32"]
@@ -130,7 +130,7 @@ def test_a_shard_counts_the_batches_it_yields(data):
     from attnzoo.train.data import find_dataset, image_dataloaders
 
     dls = image_dataloaders(find_dataset(data), img_size=32, bs=4)
-    sharded = distributed._parts().ShardedDL
+    sharded = ddp.ShardedDL
     # 30 training images: 15 per rank, 3 batches of 4 with the last dropped (fastai's own count says 4)
     assert [len(sharded(dls.train, rank=r, world_size=2)) for r in (0, 1)] == [3, 3]
     assert len(sharded(dls.valid, rank=1, world_size=2)) == 2  # 15 valid images padded to 16: 8 per rank
@@ -167,10 +167,10 @@ def test_sync_bn_keeps_timm_norm_act_layers_and_is_undone():
     model = timm.create_model("test_efficientnet", num_classes=3).eval()
     x = torch.randn(2, 3, 32, 32)
     before, originals = model(x), [m for m in model.modules() if isinstance(m, BatchNormAct2d)]
-    swapped = distributed._swap_batch_norm(model)
+    swapped = ddp.swap_batch_norm(model)
     assert len(swapped) == len(originals) > 0
     assert not any(isinstance(m, BatchNormAct2d) and not isinstance(m, torch.nn.SyncBatchNorm)
                    for m in model.modules())
     torch.testing.assert_close(model(x), before)  # torch's converter would drop each layer's activation
-    distributed._unswap(swapped)
+    ddp.unswap_batch_norm(swapped)
     assert [m for m in model.modules() if isinstance(m, BatchNormAct2d)] == originals

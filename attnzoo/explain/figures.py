@@ -350,8 +350,13 @@ def attention_figure(
         x += panel + cbar_room + gap
 
     if title:
-        fig.suptitle(title, fontsize=_TITLE_PT + 2, fontweight="bold", y=1.0 - margin / height, va="top")
+        _suptitle(fig, title, margin, height)
     return fig
+
+
+def _suptitle(fig: Figure, title: str, margin: float, height: float) -> None:
+    """The figure's bold title, ``margin`` inches below the top of a layout ``height`` inches tall."""
+    fig.suptitle(title, fontsize=_TITLE_PT + 2, fontweight="bold", y=1.0 - margin / height, va="top")
 
 
 def _row_title(label: str, pred: str, prob: float | None, width_in: float) -> tuple[str, bool]:
@@ -418,11 +423,33 @@ def attention_grid(
     top = height - margin - sup_h
     col_x = [margin + j * (panel + hgap) for j in range(n_cols)]
     headers = ["image"] + [_site_title(s, ms[0]) if ms else s for s, ms in sites]
-    for j, head in enumerate(headers):
+    _column_headers(fig, [_shorten(head, header_chars) for head in headers], col_x, panel, top, (width, height))
+
+    y = top - header_h
+    for i in range(n):
+        y_img = y - cap_h - row_h[i]
+        _grid_row(fig, i, imgs[i], [(site, ms[i]) for site, ms in sites], captions[i], col_x, (y_img, panel, row_h[i]),
+                  alpha=alpha, cmap=cmap)
+        y = y_img - row_gap
+
+    if cbar_h:
+        _shared_colorbar(fig, cmap, col_x[1], row_width - (panel + hgap), margin + 0.42)
+
+    if title:
+        _suptitle(fig, title, margin, height)
+    return fig
+
+
+def _column_headers(fig: Figure, headers: Sequence[str], col_x: Sequence[float], panel: float, top: float,
+                    layout: tuple[float, float]) -> None:
+    """Bold headers centred over the grid's columns. ``layout``: the (width, height) in inches the positions were
+    computed for, which the figure itself may exceed (it is at least an inch tall)."""
+    width, height = layout
+    for x, head in zip(col_x, headers):
         fig.text(
-            (col_x[j] + panel / 2) / width,
+            (x + panel / 2) / width,
             (top - 0.04) / height,
-            _shorten(head, header_chars),
+            head,
             ha="center",
             va="top",
             fontsize=_TITLE_PT,
@@ -430,52 +457,45 @@ def attention_grid(
             gid="column-header",
         )
 
-    y = top - header_h
-    for i in range(n):
-        caption, correct = captions[i]
-        color = CORRECT_COLOR if correct else WRONG_COLOR
-        ph = row_h[i]
-        y_img = y - cap_h - ph
-        ax = _add_axes(fig, col_x[0], y_img, panel, ph, f"image:{i}")
-        _show(ax, imgs[i], panel)
-        for spine in ax.spines.values():
-            spine.set_edgecolor(color)
-            spine.set_linewidth(2.0)
-        ax.text(
-            0.0,
-            1.0,
-            caption,
-            transform=ax.transAxes,
-            ha="left",
-            va="bottom",
-            fontsize=_TEXT_PT,
-            fontweight="bold",
-            color=color,
-            gid="row-title",
-        )
-        for j, (site, ms) in enumerate(sites, start=1):
-            ax = _add_axes(fig, col_x[j], y_img, panel, ph, f"overlay:{site}:{i}")
-            _show(ax, overlay(imgs[i], ms[i], alpha=alpha, cmap=cmap), panel)
-        y = y_img - row_gap
 
-    if cbar_h:
-        span_x0 = col_x[1]
-        span_w = row_width - (panel + hgap)
-        bar_w = min(span_w, 3.6)
-        bar_y = margin + 0.42
-        cax = _add_axes(fig, span_x0 + (span_w - bar_w) / 2, bar_y, bar_w, _CBAR_W, "<colorbar>")
-        cb = _colorbar(fig, cax, cmap, orientation="horizontal")
-        cb.set_label("attention (each map min-max normalised)", fontsize=_TICK_PT + 0.5)
+def _grid_row(fig: Figure, i: int, img: np.ndarray, site_maps: Sequence[tuple[str, np.ndarray]],
+              caption: tuple[str, bool], col_x: Sequence[float], box: tuple[float, float, float], *, alpha: float,
+              cmap: str) -> None:
+    """Row ``i`` of :func:`attention_grid`: the image, framed and captioned in green when the prediction is
+    right and red when wrong, then each site's overlay. ``box``: the row's bottom, the panel width and the row
+    height, in inches."""
+    text, correct = caption
+    color = CORRECT_COLOR if correct else WRONG_COLOR
+    y, panel, ph = box
+    ax = _add_axes(fig, col_x[0], y, panel, ph, f"image:{i}")
+    _show(ax, img, panel)
+    for spine in ax.spines.values():
+        spine.set_edgecolor(color)
+        spine.set_linewidth(2.0)
+    ax.text(
+        0.0,
+        1.0,
+        text,
+        transform=ax.transAxes,
+        ha="left",
+        va="bottom",
+        fontsize=_TEXT_PT,
+        fontweight="bold",
+        color=color,
+        gid="row-title",
+    )
+    for x, (site, m) in zip(col_x[1:], site_maps):
+        ax = _add_axes(fig, x, y, panel, ph, f"overlay:{site}:{i}")
+        _show(ax, overlay(img, m, alpha=alpha, cmap=cmap), panel)
 
-    if title:
-        fig.suptitle(
-            title,
-            fontsize=_TITLE_PT + 2,
-            fontweight="bold",
-            y=1.0 - margin / height,
-            va="top",
-        )
-    return fig
+
+def _shared_colorbar(fig: Figure, cmap: str, x0: float, span_w: float, y: float) -> None:
+    """One horizontal colour bar centred under the overlay columns (from ``x0``, ``span_w`` inches wide): every
+    map is min-max normalised, so one scale reads them all."""
+    bar_w = min(span_w, 3.6)
+    cax = _add_axes(fig, x0 + (span_w - bar_w) / 2, y, bar_w, _CBAR_W, "<colorbar>")
+    cb = _colorbar(fig, cax, cmap, orientation="horizontal")
+    cb.set_label("attention (each map min-max normalised)", fontsize=_TICK_PT + 0.5)
 
 
 def images_figure(

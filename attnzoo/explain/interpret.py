@@ -221,6 +221,112 @@ def _sanity(run: Run, x: torch.Tensor, target: torch.Tensor, maps: Mapping[str, 
     return {k: metrics.rank_correlation(maps[k], random_maps[k]) for k in maps if k in random_maps}
 
 
+def _check_counts(n: int, deletion_images: int, steps: int, road_images: int, sanity_images: int,
+                  tolerance: float) -> None:
+    """Refuse, before any work, a count that leaves nothing to plot or score."""
+    for name, value in (("deletion_images", deletion_images), ("steps", steps), ("n", n)):
+        if value < 1:
+            raise AttnzooError(f"{name} must be at least 1, got {value}")
+    if road_images < 0 or sanity_images < 0 or not tolerance >= 0:
+        raise AttnzooError("road_images, sanity_images and tolerance must not be negative")
+
+
+def _output_folder(run: Run, out: str | Path | None) -> Path:
+    """Where ``interpret_run`` writes: ``out``, or the run folder by default."""
+    if out is not None and (run.path is None or Path(out).resolve() != Path(run.path).resolve()):
+        from ..runs.outputs import check_new_folder
+
+        check_new_folder(out)  # the run folder is attnzoo's own; any other holds nothing of the user's
+    return Path(out) if out is not None else Path(run.path)
+
+
+def _basic_plots(run: Run, cm: np.ndarray, out: Path) -> dict[str, Path]:
+    """The learning curves recorded in the run (when there are any) and the confusion matrix."""
+    files = {}
+    rows = (run.config.get("metrics") or {}).get("per_epoch") or []
+    if rows:
+        files["history"] = figures.save_figure(history_figure(rows), out / PLOTS["history"])
+    files["confusion"] = figures.save_figure(confusion_figure(cm, run.classes), out / PLOTS["confusion"])
+    return files
+
+
+def _localization(maps: Mapping[str, torch.Tensor], kinds: Mapping[str, str],
+                  boxes: Sequence[metrics.ImageBoxes | None], keep: Sequence[int], root: str | Path, img_size: int,
+                  tolerance: float, seed: int, progress: Progress) -> dict[str, Any]:
+    """How well each map, a random map and chance find the boxed objects, on the images ``keep`` that have a
+    box: what attnzoo.json records under ``localization``."""
+    kept = [boxes[i] for i in keep]
+    scored = {name: m[keep] for name, m in maps.items()}
+    scored["random"] = metrics.random_maps(len(keep), _finest(scored), seed)
+    progress("localisation", 0, 1)
+    scores = metrics.score_maps(scored, kept, img_size, tolerance)
+    scores["chance"] = {**metrics.random_baseline(kept, img_size, tolerance), "images": len(keep)}
+    return dict(
+        images=len(keep), split="valid", boxes=str(Path(root) / BOXES_FILE),
+        tolerance=tolerance, iou_threshold=0.5, scores={k: {"kind": kinds[k], **v} for k, v in scores.items()},
+    )
+
+
+def _example_figures(run: Run, paths: Sequence[Path], labels: torch.Tensor, probs: torch.Tensor,
+                     boxes: Sequence[metrics.ImageBoxes | None], specs: Mapping[str, tuple[str, str]], n: int,
+                     seed: int, out: Path, progress: Progress) -> dict[str, Path]:
+    """The attention grids with the CAMs: ``n`` images spread over the classes, and the ``n`` the model gets
+    most wrong (highest loss)."""
+    progress("figures", 0, 2)
+    boxes_of = dict(zip(paths, boxes))
+    sample = sample_valid(paths, n, seed)
+    title = f"{run.config.get('backbone')} + {run.config.get('attn')}: where it looks"
+    files = {"attention": figures.save_figure(
+        attention_rows(run, sample, [p.parent.name for p in sample], title, cams=specs,
+                       boxes=[boxes_of[p] for p in sample]), out / PLOTS["attention_cams"])}
+    progress("figures", 1, 2)
+    losses = -probs[torch.arange(len(paths)), labels].clamp_min(1e-12).log()
+    top = losses.topk(min(n, len(paths))).indices.tolist()
+    files["top_losses"] = figures.save_figure(
+        attention_rows(run, [paths[i] for i in top], [paths[i].parent.name for i in top],
+                       "top losses: " + ", ".join(f"{losses[i]:.2f}" for i in top), cams=specs,
+                       boxes=[boxes[i] for i in top]), out / PLOTS["top_losses"])
+    return files
+
+
+def _faithfulness(run: Run, x: torch.Tensor, target: torch.Tensor, maps: Mapping[str, torch.Tensor],
+                  kinds: Mapping[str, str], specs: Mapping[str, tuple[str, str]], steps: int, seed: int, bs: int,
+                  road_images: int, sanity_images: int,
+                  progress: Progress) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """Whether the prediction on ``x`` rests on the pixels each map (and a random map) ranks high: deletion and
+    insertion curves, ROAD, and the sanity check. Returns what attnzoo.json records under ``faithfulness``, and
+    the curves ``{mode: {map: curve}}`` to plot."""
+    del_maps = {**maps, "random": metrics.random_maps(len(x), _finest(maps), seed)}
+    curves = {mode: perturbation_curves(run, x, target, del_maps, mode, steps, seed=seed, progress=progress)
+              for mode in ("deletion", "insertion")}
+    road = road_scores(run, x[:road_images], target[:road_images], {k: v[:road_images] for k, v in del_maps.items()},
+                       seed=seed, progress=progress) if road_images else {}
+    sanity = _sanity(run, x[:sanity_images], target[:sanity_images],
+                     {k: v[:sanity_images] for k, v in del_maps.items() if k != "random"}, specs, seed, bs,
+                     progress) if sanity_images else {}
+    faithfulness = dict(
+        images=len(x), steps=steps, fill="0 in normalised space (the normalisation mean colour)",
+        auc={k: metrics.curve_auc(c) for k, c in curves["deletion"].items()},
+        insertion_auc={k: metrics.curve_auc(c) for k, c in curves["insertion"].items()},
+        curves={k: c.round(5).tolist() for k, c in curves["deletion"].items()},
+        insertion_curves={k: c.round(5).tolist() for k, c in curves["insertion"].items()},
+        road=dict(images=min(road_images, len(x)), percentiles=[20, 40, 60, 80], scores=road),
+        sanity=dict(images=min(sanity_images, len(x)), randomized="every weight, from the head down",
+                    rank_correlation=sanity),
+        kinds={k: kinds[k] for k in del_maps},
+    )
+    return faithfulness, curves
+
+
+def _save_scores(run: Run, localization: dict[str, Any] | None, faithfulness: dict[str, Any]) -> None:
+    """The scores into the run's attnzoo.json, when the run has one, for ``compare`` and later reports."""
+    if run.path is not None and (Path(run.path) / CONFIG).is_file():
+        entries: dict[str, Any] = {"faithfulness": faithfulness}
+        if localization is not None:
+            entries["localization"] = localization
+        run.config = RunFolder(run.path).update(**entries)
+
+
 def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | None = None, n: int = 6,
                   deletion_images: int = 100, steps: int = 10, seed: int = 0, bs: int = 32,
                   cams: str | Sequence[str] = "gradcam", cam_at: str = "final", tolerance: float = 15.0,
@@ -238,17 +344,9 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
     progress = progress or _noop
     if run.path is None and out is None:
         raise AttnzooError("the run has no folder; pass out=DIR")
-    for name, value in (("deletion_images", deletion_images), ("steps", steps), ("n", n)):
-        if value < 1:
-            raise AttnzooError(f"{name} must be at least 1, got {value}")
-    if road_images < 0 or sanity_images < 0 or not tolerance >= 0:
-        raise AttnzooError("road_images, sanity_images and tolerance must not be negative")
+    _check_counts(n, deletion_images, steps, road_images, sanity_images, tolerance)
     specs = cam_specs(run.model, cams, cam_at, run.img_size)
-    if out is not None and (run.path is None or Path(out).resolve() != Path(run.path).resolve()):
-        from ..runs.outputs import check_new_folder
-
-        check_new_folder(out)  # the run folder is attnzoo's own; any other holds nothing of the user's
-    out = Path(out) if out is not None else Path(run.path)
+    out = _output_folder(run, out)
     info = validation_set(run, data)
     paths = list(info.valid)
     index = {p: i for i, p in enumerate(paths)}
@@ -256,13 +354,8 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
     probs, maps = _predict_all(run, paths, bs, progress)
     preds = probs.argmax(-1)
     kinds = {k: "gate" if run.model.kind == "gate" else "tap" for k in maps}
-    files: dict[str, Path] = {}
-
-    rows = (run.config.get("metrics") or {}).get("per_epoch") or []
-    if rows:
-        files["history"] = figures.save_figure(history_figure(rows), out / PLOTS["history"])
     cm = confusion_matrix(labels.tolist(), preds.tolist(), len(run.classes))
-    files["confusion"] = figures.save_figure(confusion_figure(cm, run.classes), out / PLOTS["confusion"])
+    files = _basic_plots(run, cm, out)
 
     boxes: list[metrics.ImageBoxes | None] = [None] * len(paths)
     if has_boxes(info.root):
@@ -280,54 +373,13 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
 
     localization = None
     if keep:
-        kept = [boxes[i] for i in keep]
-        scored = {name: m[keep] for name, m in maps.items()}
-        scored["random"] = metrics.random_maps(len(keep), _finest(scored), seed)
-        progress("localisation", 0, 1)
-        scores = metrics.score_maps(scored, kept, run.img_size, tolerance)
-        scores["chance"] = {**metrics.random_baseline(kept, run.img_size, tolerance), "images": len(keep)}
-        localization = dict(
-            images=len(keep), split="valid", boxes=str(Path(info.root) / BOXES_FILE),
-            tolerance=tolerance, iou_threshold=0.5, scores={k: {"kind": kinds[k], **v} for k, v in scores.items()},
-        )
+        localization = _localization(maps, kinds, boxes, keep, info.root, run.img_size, tolerance, seed, progress)
         files["localization"] = figures.save_figure(localization_figure(localization), out / PLOTS["localization"])
-
-    progress("figures", 0, 2)
-    sample = sample_valid(paths, n, seed)
-    title = f"{run.config.get('backbone')} + {run.config.get('attn')}: where it looks"
-    files["attention"] = figures.save_figure(
-        attention_rows(run, sample, [p.parent.name for p in sample], title, cams=specs,
-                       boxes=[boxes[index[p]] for p in sample]), out / PLOTS["attention_cams"])
-    progress("figures", 1, 2)
-    losses = -probs[torch.arange(len(paths)), labels].clamp_min(1e-12).log()
-    top = losses.topk(min(n, len(paths))).indices.tolist()
-    files["top_losses"] = figures.save_figure(
-        attention_rows(run, [paths[i] for i in top], [paths[i].parent.name for i in top],
-                       "top losses: " + ", ".join(f"{losses[i]:.2f}" for i in top), cams=specs,
-                       boxes=[boxes[i] for i in top]), out / PLOTS["top_losses"])
+    files.update(_example_figures(run, paths, labels, probs, boxes, specs, n, seed, out, progress))
 
     x = x_need[[need.index(i) for i in chosen]]
-    del_maps = {name: m[chosen] for name, m in maps.items()}
-    del_maps["random"] = metrics.random_maps(len(chosen), _finest(del_maps), seed)
-    curves = {mode: perturbation_curves(run, x, labels[chosen], del_maps, mode, steps, seed=seed, progress=progress)
-              for mode in ("deletion", "insertion")}
-    road = road_scores(run, x[:road_images], labels[chosen][:road_images], {k: v[:road_images] for k, v in
-                                                                            del_maps.items()},
-                       seed=seed, progress=progress) if road_images else {}
-    sanity = _sanity(run, x[:sanity_images], labels[chosen][:sanity_images],
-                     {k: v[:sanity_images] for k, v in del_maps.items() if k != "random"}, specs, seed, bs,
-                     progress) if sanity_images else {}
-    faithfulness = dict(
-        images=len(chosen), steps=steps, fill="0 in normalised space (the normalisation mean colour)",
-        auc={k: metrics.curve_auc(c) for k, c in curves["deletion"].items()},
-        insertion_auc={k: metrics.curve_auc(c) for k, c in curves["insertion"].items()},
-        curves={k: c.round(5).tolist() for k, c in curves["deletion"].items()},
-        insertion_curves={k: c.round(5).tolist() for k, c in curves["insertion"].items()},
-        road=dict(images=min(road_images, len(chosen)), percentiles=[20, 40, 60, 80], scores=road),
-        sanity=dict(images=min(sanity_images, len(chosen)), randomized="every weight, from the head down",
-                    rank_correlation=sanity),
-        kinds={k: kinds[k] for k in del_maps},
-    )
+    faithfulness, curves = _faithfulness(run, x, labels[chosen], {name: m[chosen] for name, m in maps.items()}, kinds,
+                                         specs, steps, seed, bs, road_images, sanity_images, progress)
     for mode in ("deletion", "insertion"):
         files[mode] = figures.save_figure(
             curves_figure(curves[mode], mode, f"{mode} curves ({len(chosen)} validation images)"), out / PLOTS[mode])
@@ -335,11 +387,7 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
     result = Interpretation(out, len(paths), float((preds == labels).float().mean()),
                             most_confused(cm, run.classes), localization, faithfulness, files,
                             score_table(localization, faithfulness))
-    if run.path is not None and (Path(run.path) / CONFIG).is_file():
-        entries: dict[str, Any] = {"faithfulness": faithfulness}
-        if localization is not None:
-            entries["localization"] = localization
-        run.config = RunFolder(run.path).update(**entries)
+    _save_scores(run, localization, faithfulness)
     files["report"] = write_report(run, result, out / REPORT)
     return result
 

@@ -45,9 +45,14 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _epochs(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The per-epoch history a run's config records (none for a run saved without one)."""
+    return (config.get("metrics") or {}).get("per_epoch") or []
+
+
 def time_per_epoch(config: Mapping[str, Any]) -> float:
     """Mean seconds per epoch recorded in a run's config (NaN when none)."""
-    times = [r["time"] for r in (config.get("metrics") or {}).get("per_epoch") or [] if "time" in r]
+    times = [r["time"] for r in _epochs(config) if "time" in r]
     return float(np.mean(times)) if times else float("nan")
 
 
@@ -195,20 +200,16 @@ def score_table_html(table: Mapping[str, Mapping[str, Any]]) -> str:
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
-def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
-    """One self-contained HTML page (plots embedded as data URIs) explaining the run to someone who did not
-    train it: configuration, learning curves, where the model looks, localisation, faithfulness, errors."""
+def _run_summary(run: Run) -> tuple[str, list[list[Any]]]:
+    """What was trained, on what, and how: a lead sentence (HTML) and the rows of the facts table."""
     cfg = run.config
-    path = Path(path)
-    files = result.files
     metrics = cfg.get("metrics") or {}
-    rows = metrics.get("per_epoch") or []
+    rows = _epochs(cfg)
     train = cfg.get("request") or cfg.get("train") or {}  # (older runs recorded "train")
     data = cfg.get("data") or {}
     counts = data.get("counts") or {}
     sites = ", ".join(cfg.get("sites") or []) or "none (baseline)"
     kind = run.model.kind or "no attention"
-    name = run.path.name if run.path is not None else path.parent.name
     n_train = sum((counts.get("train") or {}).values())
     lead = (f"<b>{html.escape(str(cfg.get('backbone')))}</b> with <b>{html.escape(str(cfg.get('attn')))}</b> "
             f"attention ({html.escape(kind)}) at <b>{html.escape(sites)}</b>, trained for "
@@ -225,7 +226,88 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
         ["final metrics", ", ".join(f"{k} {_fmt(v)}" for k, v in (metrics.get("final") or {}).items())],
         ["versions", ", ".join(f"{k} {v}" for k, v in (cfg.get("versions") or {}).items())],
     ]
-    epoch_keys = list(dict.fromkeys(k for r in rows for k in r))
+    return lead, facts
+
+
+def _training_section(rows: Sequence[Mapping[str, Any]], files: Mapping[str, Path]) -> list[str]:
+    """The learning curves, then every epoch's numbers as a table."""
+    parts = ["<h2>Training</h2>", _figure(files.get("history"), "learning curves")]
+    if rows:
+        epoch_keys = list(dict.fromkeys(k for r in rows for k in r))
+        parts.append(_html_table([k.replace("_", " ") + (" (s)" if k == "time" else "") for k in epoch_keys],
+                                 [[_fmt(r.get(k, float("nan")), 1 if k == "time" else 4) for k in epoch_keys]
+                                  for r in rows]))
+    return parts
+
+
+def _localization_text(loc: Mapping[str, Any] | None) -> str:
+    """How localisation is scored, or how to have it scored when the data has no boxes."""
+    if loc is None:
+        return ("<p>No <code>boxes.csv</code> at the data root, so there is nothing to score localisation "
+                "against. Add one (<code>image,x_min,y_min,x_max,y_max</code>, a row per box) to measure it.</p>")
+    return (
+        f"<p><b>Does the map find the object?</b> Scored on the {loc['images']} validation images that have a "
+        "box. <i>Pointing game</i>: the share of images whose map peaks inside a box "
+        f"(<i>±tol</i>: within {_fmt(float(loc.get('tolerance', 0)), 0)} pixels of the original image, as "
+        "TorchRay's benchmark). <i>Energy in box</i>: the share of the map's mass inside the boxes. "
+        "<i>IoU@0.5</i>: overlap of the map's upper half with the boxes. <i>MaxBoxAcc</i>: at the best "
+        "threshold, the share of images where the box around the map overlaps a box by IoU 0.5 or more.</p>")
+
+
+def _faithfulness_text(faith: Mapping[str, Any]) -> str:
+    """How deletion, insertion, ROAD and the sanity check test a map, on how many images."""
+    road, sanity = faith.get("road") or {}, faith.get("sanity") or {}
+    return (
+        f"<p><b>Does the prediction rest on the pixels the map ranks high?</b> On {faith['images']} validation "
+        f"images, the top-ranked pixels are deleted (replaced by the mean colour) or inserted into a blank image, "
+        f"{100 // faith['steps']}% at a time, and the true class's probability is measured: <i>deletion AUC</i> "
+        "is lower and <i>insertion AUC</i> higher for a faithful map. <i>ROAD</i> (on "
+        f"{road.get('images', 0)} images) removes pixels by imputing them from their neighbours, so that the "
+        "image stays natural; higher is more faithful. <b>Sanity check</b> (on "
+        f"{sanity.get('images', 0)} images): the rank correlation of each map with the same map after every "
+        "weight of the model is re-initialised (<i>sanity ρ</i>, Spearman); a map that explains the model changes "
+        "(low ρ).</p>")
+
+
+def _scores_section(result: Interpretation) -> list[str]:
+    """How good each map is: what each score measures, the table of every map against every score, the plots."""
+    files = result.files
+    return [
+        "<h2>How good is each map?</h2>",
+        _localization_text(result.localization),
+        _faithfulness_text(result.faithfulness),
+        "<p>CAMs are computed for the true class. Arrows give the better direction; the best map per column is "
+        "in bold. <i>random</i> is a seeded noise map scored the same way; <i>chance</i> is what a map that "
+        "knows nothing scores on average. Flags: <i>flat</i>, a map constant on most images; <i>inverted</i>, a "
+        "pointing game below half of chance; "
+        "<i>insensitive</i>, a rank correlation of 0.5 or more with the randomised model's map.</p>",
+        score_table_html(result.table),
+        _figure(files.get("localization"), "localisation scores"),
+        _figure(files.get("deletion"), "deletion curves"),
+        _figure(files.get("insertion"), "insertion curves"),
+    ]
+
+
+def _mistakes_section(result: Interpretation) -> list[str]:
+    """The confusion matrix, the most confused pairs, and the images the model got most wrong."""
+    parts = ["<h2>Mistakes</h2>", _figure(result.files.get("confusion"), "confusion matrix")]
+    if result.confused:
+        parts += ["<p>Most confused pairs:</p>",
+                  _html_table(["actual", "predicted", "images"], [list(c) for c in result.confused])]
+    parts += [
+        "<p>The validation images the model got most wrong (highest loss), with their maps:</p>",
+        _figure(result.files.get("top_losses"), "top losses with attention maps"),
+    ]
+    return parts
+
+
+def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
+    """One self-contained HTML page (plots embedded as data URIs) explaining the run to someone who did not
+    train it: configuration, learning curves, where the model looks, localisation, faithfulness, errors."""
+    cfg = run.config
+    path = Path(path)
+    name = run.path.name if run.path is not None else path.parent.name
+    lead, facts = _run_summary(run)
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>attnzoo run report: {html.escape(name)}</title><style>{_CSS}</style></head><body>",
@@ -239,13 +321,7 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
         "the attended pixels, and which classes get mixed up.</div>",
         "<h2>In short</h2><ul>" + "".join(f"<li>{f}</li>" for f in findings(run, result)) + "</ul>",
         "<h2>The run</h2>", _facts_table(facts),
-        "<h2>Training</h2>", _figure(files.get("history"), "learning curves"),
-    ]
-    if rows:
-        parts.append(_html_table([k.replace("_", " ") + (" (s)" if k == "time" else "") for k in epoch_keys],
-                                 [[_fmt(r.get(k, float("nan")), 1 if k == "time" else 4) for k in epoch_keys]
-                                  for r in rows]))
-    parts += [
+        *_training_section(_epochs(cfg), result.files),
         "<h2>Where the model looks</h2>",
         "<p>One row per validation image: the image as the model sees it, then each site's attention map "
         "blended over it (red = high, blue = low), then each CAM for the predicted "
@@ -253,51 +329,9 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
         "&#10003; title means the prediction is right, a red &#10007; wrong, with the probability the model "
         "gives its prediction. The white rectangle, when shown, is the object's box. Each map is scaled to its "
         "own range, so compare where maps are high, not their colours.</p>",
-        _figure(files.get("attention"), "attention maps and Grad-CAM on validation images"),
-    ]
-    loc = result.localization
-    faith = result.faithfulness
-    road, sanity = faith.get("road") or {}, faith.get("sanity") or {}
-    parts.append("<h2>How good is each map?</h2>")
-    if loc is None:
-        parts.append("<p>No <code>boxes.csv</code> at the data root, so there is nothing to score localisation "
-                     "against. Add one (<code>image,x_min,y_min,x_max,y_max</code>, a row per box) to measure it.</p>")
-    else:
-        parts.append(
-            f"<p><b>Does the map find the object?</b> Scored on the {loc['images']} validation images that have a "
-            "box. <i>Pointing game</i>: the share of images whose map peaks inside a box "
-            f"(<i>±tol</i>: within {_fmt(float(loc.get('tolerance', 0)), 0)} pixels of the original image, as "
-            "TorchRay's benchmark). <i>Energy in box</i>: the share of the map's mass inside the boxes. "
-            "<i>IoU@0.5</i>: overlap of the map's upper half with the boxes. <i>MaxBoxAcc</i>: at the best "
-            "threshold, the share of images where the box around the map overlaps a box by IoU 0.5 or more.</p>")
-    parts += [
-        f"<p><b>Does the prediction rest on the pixels the map ranks high?</b> On {faith['images']} validation "
-        f"images, the top-ranked pixels are deleted (replaced by the mean colour) or inserted into a blank image, "
-        f"{100 // faith['steps']}% at a time, and the true class's probability is measured: <i>deletion AUC</i> "
-        "is lower and <i>insertion AUC</i> higher for a faithful map. <i>ROAD</i> (on "
-        f"{road.get('images', 0)} images) removes pixels by imputing them from their neighbours, so that the "
-        "image stays natural; higher is more faithful. <b>Sanity check</b> (on "
-        f"{sanity.get('images', 0)} images): the rank correlation of each map with the same map after every "
-        "weight of the model is re-initialised (<i>sanity ρ</i>, Spearman); a map that explains the model changes "
-        "(low ρ).</p>",
-        "<p>CAMs are computed for the true class. Arrows give the better direction; the best map per column is "
-        "in bold. <i>random</i> is a seeded noise map scored the same way; <i>chance</i> is what a map that "
-        "knows nothing scores on average. Flags: <i>flat</i>, a map constant on most images; <i>inverted</i>, a "
-        "pointing game below half of chance; "
-        "<i>insensitive</i>, a rank correlation of 0.5 or more with the randomised model's map.</p>",
-        score_table_html(result.table),
-        _figure(files.get("localization"), "localisation scores"),
-        _figure(files.get("deletion"), "deletion curves"),
-        _figure(files.get("insertion"), "insertion curves"),
-        "<h2>Mistakes</h2>",
-        _figure(files.get("confusion"), "confusion matrix"),
-    ]
-    if result.confused:
-        parts += ["<p>Most confused pairs:</p>",
-                  _html_table(["actual", "predicted", "images"], [list(c) for c in result.confused])]
-    parts += [
-        "<p>The validation images the model got most wrong (highest loss), with their maps:</p>",
-        _figure(files.get("top_losses"), "top losses with attention maps"),
+        _figure(result.files.get("attention"), "attention maps and Grad-CAM on validation images"),
+        *_scores_section(result),
+        *_mistakes_section(result),
         "<h2>Configuration</h2>",
         f"<details><summary>attnzoo.json</summary><pre>{html.escape(json.dumps(cfg, indent=2, default=str))}"
         "</pre></details>",
@@ -306,7 +340,6 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     replace(path, lambda tmp: tmp.write_text("\n".join(p for p in parts if p), encoding="utf-8"))
     return path
-
 
 
 def best_map(scores: Mapping[str, Any], kinds: Sequence[str]) -> tuple[str, dict[str, float]] | None:

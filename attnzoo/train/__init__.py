@@ -7,6 +7,7 @@
 - ``callbacks``: the run's lifecycle as fastai callbacks, one job each (status, checkpoints, NaN guard, signals,
   history, progress);
 - ``checkpoints``: the checkpoint files (model, optimiser, random states) without pickle;
-- ``distributed``: ``torchrun`` / ``accelerate launch``; ``threads``: how many CPU threads torch uses;
+- ``distributed``: ``torchrun`` / ``accelerate launch``; ``ddp``: its fastai pieces (the trainer, sharded loaders,
+  whole-set metrics); ``threads``: how many CPU threads torch uses;
 - ``fit``: the orchestration.
 """

@@ -26,7 +26,6 @@ each fit; :func:`is_main` guards printing and writing, :func:`alone` lets rank 0
 from __future__ import annotations
 
 import atexit
-import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -194,16 +193,17 @@ class Training:
         if sync_bn and is_distributed() and not use_cuda():
             raise AttnzooError("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm does not run on CPU")
         setup()
-        parts = _parts()
+        from . import ddp  # fastai, only once a fit is set up: importing this module stays free of it
+
         self.learn, self.world_size, self.backend = learn, world_size(), backend()
         self.sync_bn, self.bs = bool(sync_bn and is_distributed()), int(learn.dls.train.bs)
-        self._tally = parts.Tally()
+        self._tally = ddp.Tally()
         self._cbs = [self._tally]
         if is_distributed():
             if rank():  # each rank its own augmentation and dropout draws; rank 0 keeps a single process's
                 torch.manual_seed(torch.initial_seed() + rank())
             learn.dls.to(device())
-            self._cbs.append(parts.Trainer(sync_bn=self.sync_bn, cpu=not use_cuda()))
+            self._cbs.append(ddp.Trainer(sync_bn=self.sync_bn, cpu=not use_cuda()))
 
     def __enter__(self) -> Training:
         self.learn.add_cbs(self._cbs)
@@ -216,124 +216,3 @@ class Training:
         """How the training was spread over processes, for the run folder's ``attnzoo.json``."""
         return dict(world_size=self.world_size, backend=self.backend, sync_bn=self.sync_bn,
                     effective_bs=self.bs * self.world_size, train_batches=self._tally.gathered)
-
-
-def _swap_batch_norm(model: Any) -> list[tuple[Any, str, Any]]:
-    """Every batch norm replaced by a synced one sharing its tensors; returns what :func:`_unswap` needs.
-
-    timm's converter, not torch's (which fastai uses): it keeps the activation of timm's BatchNormAct2d.
-    """
-    import torch
-    from timm.layers import convert_sync_batchnorm
-
-    swapped = []
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
-                    child, torch.nn.SyncBatchNorm):
-                setattr(parent, name, convert_sync_batchnorm(child))
-                swapped.append((parent, name, child))
-    return swapped
-
-
-def _unswap(swapped: list[tuple[Any, str, Any]]) -> None:
-    for parent, name, original in swapped:
-        original.train(getattr(parent, name).training)
-        setattr(parent, name, original)
-
-
-@functools.cache
-def _parts() -> Any:
-    """The fastai pieces, built on first use so that importing this module stays free of torch and fastai."""
-    from types import SimpleNamespace
-
-    import torch
-    import torch.distributed as dist
-    from fastai.callback.core import Callback
-    from fastai.distributed import DistributedDL, DistributedTrainer
-    from fastai.learner import AvgMetric, Metric
-
-    class ShardedDL(DistributedDL):
-        """fastai's shard of a loader: a broadcast that works on any backend, and its true number of batches."""
-
-        def _broadcast(self, t: list[int], src: int) -> list[int]:
-            on = device() if dist.get_backend() == "nccl" else "cpu"  # nccl takes CUDA tensors only
-            t = torch.tensor(t, dtype=torch.long, device=on)
-            dist.broadcast(t, src)
-            return t.cpu().tolist()
-
-        @property
-        def rng(self) -> Any:  # the wrapped loader's: it draws the shuffled order (checkpoints save it)
-            return self.dl.rng
-
-        def __len__(self) -> int:
-            if self.dl.n is None:
-                return super().__len__()
-            per_rank = -(-self.dl.n // self.world_size)
-            return per_rank // self.bs if self.drop_last else -(-per_rank // self.bs)
-
-    class WholeSet(Metric):
-        """``func`` over the predictions of every rank at once, the shards' padding dropped."""
-
-        def __init__(self, func: Any, name: str) -> None:
-            self.func, self._name = func, name
-
-        def reset(self) -> None:
-            self.preds, self.targs = [], []
-
-        def accumulate(self, learn: Any) -> None:
-            self.preds.append(learn.to_detach(learn.pred))  # gathered over ranks, padding cut by the shard
-            self.targs.append(learn.to_detach(learn.yb))
-
-        @property
-        def value(self) -> Any:
-            if not self.preds:
-                return None
-            return self.func(torch.cat(self.preds).float(), *map(torch.cat, zip(*self.targs)))
-
-        @property
-        def name(self) -> str:
-            return self._name
-
-    class Trainer(DistributedTrainer):
-        """fastai's DDP trainer with sharded loaders that work on gloo, whole-set validation metrics and batch
-        norm synced for the fit only."""
-
-        def __init__(self, sync_bn: bool, cpu: bool) -> None:
-            super().__init__(sync_bn=False, cpu=cpu)  # the swap is done here, so that it can be undone
-            self.swap_bn, self.swapped = sync_bn, []
-
-        def _wrap_dl(self, dl: Any) -> Any:
-            return dl if isinstance(dl, ShardedDL) else ShardedDL(dl, device=self.learn.model.device)
-
-        def before_fit(self) -> None:
-            self.swapped = _swap_batch_norm(self.learn.model) if self.swap_bn else []
-            super().before_fit()
-            self.saved_metrics = self.learn.recorder.loss, self.learn.metrics
-            valid_loss = WholeSet(lambda pred, *yb: self.learn.loss_func(pred, *yb), "valid_loss")
-            object.__setattr__(self.learn.recorder, "loss", valid_loss)  # a Callback warns when set its usual way
-            self.learn.metrics = [WholeSet(m.func, m.name) if type(m) is AvgMetric else m for m in self.learn.metrics]
-
-        def after_fit(self) -> None:
-            super().after_fit()
-            object.__setattr__(self.learn.recorder, "loss", self.saved_metrics[0])
-            self.learn.metrics = self.saved_metrics[1]
-            _unswap(self.swapped)
-            self.swapped = []
-
-    class Tally(Callback):
-        """Training batches this process ran; ``gathered``: every process's, when a fit ends (every process ends
-        its fits together, so the gather meets)."""
-
-        def __init__(self) -> None:
-            self.batches = 0
-            self.gathered = [0] * world_size()
-
-        def after_batch(self) -> None:
-            if self.training:
-                self.batches += 1
-
-        def after_fit(self) -> None:
-            self.gathered = gather(self.batches)
-
-    return SimpleNamespace(ShardedDL=ShardedDL, WholeSet=WholeSet, Trainer=Trainer, Tally=Tally)
