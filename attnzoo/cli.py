@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from .errors import AttnzooError, Interrupted, TrainingFailed
+from .runs.outputs import printable
 
 app = typer.Typer(
     name="attnzoo",
@@ -27,12 +28,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 _state: dict[str, Any] = {"debug": False, "json_out": None}
-
-
-def printable(text: str) -> str:
-    """``text`` safe for a terminal: control characters (a folder name can hold an escape sequence that drives
-    the terminal) and undecodable bytes shown as escapes, as Python's repr shows them."""
-    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 def _console(stderr: bool = False) -> Any:
@@ -114,7 +109,7 @@ def _print_table(console: Any, title: str, columns: list[str], rows: list[list[A
 
     if not console.is_terminal:
         def plain(v: Any) -> str:
-            return printable(Text.from_markup(str(v)).plain.replace("\t", " ").replace("\n", "; "))
+            return Text.from_markup(printable(str(v))).plain.replace("\t", " ").replace("\n", "; ")
 
         for line in [f"# {plain(title)}", *("\t".join(map(plain, r)) for r in [columns, *rows])]:
             print(line, file=console.file)  # as it is: rich would expand the tabs
@@ -168,16 +163,18 @@ def fit(ctx: typer.Context, **options: Any) -> None:
     data_warnings: list[str] = []
 
     def on_data(info: Any, run_dir: Path) -> None:
+        from rich.markup import escape
+
         example[:] = info.valid[:1]
         data_warnings[:] = info.warnings
         counts = info.counts()
-        rows = [[c, counts["train"][c], counts["valid"][c]] for c in info.classes]
+        rows = [[escape(c), counts["train"][c], counts["valid"][c]] for c in info.classes]
         rows.append(["[bold]total", len(info.train), len(info.valid)])
         _print_table(console, f"data: {info.root} ({info.layout})", ["class", "train", "valid"], rows)
         for note in info.warnings:
-            err.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
+            err.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
         if info.skipped:
-            shown = "; ".join(f"{Path(p).name}: {r}" for p, r in info.skipped[:3])
+            shown = escape("; ".join(f"{Path(p).name}: {r}" for p, r in info.skipped[:3]))
             more = f"; and {len(info.skipped) - 3} more" if len(info.skipped) > 3 else ""
             err.print(f"[yellow]warning:[/] skipped {len(info.skipped)} files that cannot be used ({shown}{more}); "
                       f"all listed in {run_dir / SKIPPED}", soft_wrap=True)
@@ -385,6 +382,7 @@ def interpret(
 ) -> None:
     """Explain a trained RUN on its validation images: attention maps and CAMs side by side, and every map scored:
     localisation against boxes.csv, deletion, insertion, ROAD, a sanity check; mistakes; one report.html."""
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .explain.cams import cam_methods
@@ -417,8 +415,8 @@ def interpret(
     if result.confused:
         _print_table(console, "most confused (actual -> predicted)", ["actual", "predicted", "images"],
                              [list(c) for c in result.confused])
-    if result.localization is None:
-        console.print("no boxes.csv at the data root: localisation not scored")
+    for note in result.notes:
+        _console(stderr=True).print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     cols = [c for c in COLUMNS if any(v[c.key] == v[c.key] for v in result.table.values())]
     _print_table(console, "every map against every score (arrows: the better direction; see report.html)",
                  ["map", "kind", *[f"{c.label} {'↑' if c.higher else '↓'}" for c in cols], "flags"],

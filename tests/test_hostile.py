@@ -259,7 +259,7 @@ def test_a_batch_of_one_that_batch_norm_cannot_train_is_refused_before_the_run(c
 
 
 def test_class_names_with_escape_sequences_are_printed_escaped(capsys, tmp_path):
-    from attnzoo.cli import printable
+    from attnzoo.runs.outputs import printable
 
     name = "red\x1b[2J\x07"
     assert printable(name) == "red\\x1b[2J\\x07"
@@ -289,3 +289,47 @@ def test_a_diverged_run_is_done_with_a_warning_saying_so(tmp_path):
         {"epoch": 1, "valid_loss": 1.2}, {"epoch": 2, "valid_loss": 0.4}])
     Divergence(calm, n_classes=3).finish()
     assert not calm.folder.record.get("warnings") and math.log(3) * 10 > 1.2
+
+
+# --- interpret: the data the run was trained on, and only that ------------------------------------------------
+
+def test_interpret_refuses_data_that_changed_since_the_run(capsys, tmp_path):
+    data = make_folder(tmp_path / "data", n=4, size=16)
+    run = attnzoo.fit("test_resnet", "none", str(data), pretrained=False, epochs=1, bs=4, img_size=32,
+                      out=str(tmp_path / "run"))
+    assert Path(json.loads((run / "attnzoo.json").read_text())["data"]["root"]).is_absolute()
+    red, blue = data / "valid" / "red", data / "valid" / "blue"
+    red.rename(data / "valid" / "tmp")
+    blue.rename(red)
+    (data / "valid" / "tmp").rename(blue)  # same counts, classes swapped
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "interpret", str(run), "--out", str(tmp_path / "i"))
+    assert one_line(code, err) and "not what the run was trained on" in err and not (tmp_path / "i").exists()
+
+
+def test_interpret_refuses_a_relative_data_folder_it_cannot_place(capsys, tmp_path, tiny_run):
+    import shutil
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    config = json.loads((run / "attnzoo.json").read_text())
+    config["data"]["root"] = "c8"
+    (run / "attnzoo.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "interpret", str(run), "--out", str(tmp_path / "i"))
+    assert one_line(code, err) and "relative" in err and "--data" in err
+
+
+def test_interpret_into_a_run_folder_it_cannot_save_in_still_reports(capsys, tmp_path, tiny_run, monkeypatch):
+    import errno
+    import shutil
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    before = (run / "attnzoo.json").read_bytes()
+
+    def read_only(self, **entries):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(RunFolder, "update", read_only)
+    code, out, err = run_cli(capsys, "interpret", str(run), "--out", str(tmp_path / "i"), "--deletion-images", "3",
+                             "--road-images", "0", "--sanity-images", "0")
+    assert code == 0 and "not saved" in err and "Read-only" in err and (tmp_path / "i" / "report.html").is_file()
+    assert (run / "attnzoo.json").read_bytes() == before

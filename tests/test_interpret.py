@@ -251,9 +251,9 @@ def test_interpret_without_boxes_skips_localisation(tmp_path, capsys):
     data = make_boxed_folder(tmp_path / "data", {"train": 1, "valid": 1})
     (data / "boxes.csv").unlink()
     run_dir = make_run(tmp_path / "r", data, "softmask-sigmoid")
-    code, out, _ = run_cli(capsys, "interpret", str(run_dir), "--out", str(tmp_path / "o"), "--n", "1",
+    code, _, err = run_cli(capsys, "interpret", str(run_dir), "--out", str(tmp_path / "o"), "--n", "1",
                            "--deletion-images", "2")
-    assert code == 0 and "localisation not scored" in out
+    assert code == 0 and "localisation not scored" in err
     assert "localization" not in json.loads((run_dir / "attnzoo.json").read_text())
     assert "No <code>boxes.csv</code>" in (tmp_path / "o" / "report.html").read_text()
 

@@ -574,15 +574,12 @@ def _writer(fig: Figure, out: Path, dpi: int) -> Any:
                                    facecolor="white", metadata=meta)
 
 
-def printable(text: str) -> str:
-    """``text`` with U+FFFD for each surrogate: a file name's undecodable bytes (Python keeps them as surrogate
-    escapes) cannot be drawn, nor printed as UTF-8."""
-    return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
-
-
 def _drawable_text(fig: Figure) -> None:
-    """Every text of ``fig`` made ``printable`` (FreeType refuses surrogates), tick labels included."""
+    """Every text of ``fig`` made ``printable`` (FreeType refuses surrogates, and a font has no glyph for a
+    control character), tick labels included."""
     from matplotlib.text import Text
+
+    from ..runs.outputs import printable
 
     for artist in fig.findobj(Text):
         if printable(artist.get_text()) != artist.get_text():

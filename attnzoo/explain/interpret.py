@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import AttnzooError
 from ..runs.folder import CONFIG, PLOTS, REPORT, RunFolder
 from ..runs.predict import Run
+from ..train.demo import demo_root
 from . import figures, metrics, trust
 from .boxes import BOXES_FILE, has_boxes, load_boxes
 from .cams import (
@@ -120,9 +121,7 @@ def validation_set(run: Run, data: str | Path | None = None) -> Any:
     from ..train.data import find_dataset, resolve_data
 
     recorded = run.config.get("data") or {}
-    root = data if data is not None else recorded.get("root")
-    if root is None:
-        raise AttnzooError("the run records no data folder; pass --data DIR")
+    root = data_root(run, data)
     seed = int(run.config.get("seed", 0))
     counts = recorded.get("counts") or {}
     n_valid, n_train = (sum((counts.get(s) or {}).values()) for s in ("valid", "train"))
@@ -139,7 +138,25 @@ def validation_set(run: Run, data: str | Path | None = None) -> Any:
                            f"(the run's: {', '.join(run.classes)})")
     if not info.valid:
         raise AttnzooError(f"no validation images in {info.root}")
+    if data is None and recorded.get("fingerprint") not in (None, info.fingerprint()):
+        raise AttnzooError(f"the data in {info.root} is not what the run was trained on (files were added, removed, "
+                           f"changed or moved between classes since): its scores would not be the run's; pass "
+                           f"--data DIR to score that data on purpose")
     return info
+
+
+def data_root(run: Run, data: str | Path | None = None) -> str:
+    """The data folder to score: ``data``, else the one the run records. A run that recorded a relative folder
+    (attnzoo < 0.2) cannot say relative to what: never guessed from the current folder."""
+    if data is not None:
+        return str(data)
+    root = (run.config.get("data") or {}).get("root")
+    if root is None:
+        raise AttnzooError("the run records no data folder; pass --data DIR")
+    if root != "demo" and not Path(root).is_absolute() and str(root) != str(demo_root()):
+        raise AttnzooError(f"the run records its data folder as '{root}', relative to the folder it was trained "
+                           f"in, which it does not record; pass --data DIR")
+    return str(root)
 
 
 def _noop(_task: str, _done: int, _total: int) -> None:
@@ -231,13 +248,17 @@ def _check_counts(n: int, deletion_images: int, steps: int, road_images: int, sa
         raise AttnzooError("road_images, sanity_images and tolerance must not be negative")
 
 
-def _output_folder(run: Run, out: str | Path | None) -> Path:
-    """Where ``interpret_run`` writes: ``out``, or the run folder by default."""
-    if out is not None and (run.path is None or Path(out).resolve() != Path(run.path).resolve()):
-        from ..runs.outputs import check_new_folder
+def _output_folder(run: Run, out: str | Path | None, data: str | Path | None) -> Path:
+    """Where ``interpret_run`` writes: ``out`` (new or empty, not where data is), or the run folder by default
+    (when it can be written in)."""
+    from ..runs.outputs import check_new_folder, check_writable, refuse_data_folder
 
-        check_new_folder(out)  # the run folder is attnzoo's own; any other holds nothing of the user's
-    return Path(out) if out is not None else Path(run.path)
+    if out is None or (run.path is not None and Path(out).resolve() == Path(run.path).resolve()):
+        check_writable(Path(run.path), "the run folder", hint="; pass --out DIR for the plots and report")
+        return Path(run.path)
+    check_new_folder(out)  # the run folder is attnzoo's own; any other holds nothing of the user's
+    refuse_data_folder(out, data_root(run, data))
+    return Path(out)
 
 
 def _basic_plots(run: Run, cm: np.ndarray, out: Path) -> dict[str, Path]:
@@ -318,13 +339,19 @@ def _faithfulness(run: Run, x: torch.Tensor, target: torch.Tensor, maps: Mapping
     return faithfulness, curves
 
 
-def _save_scores(run: Run, localization: dict[str, Any] | None, faithfulness: dict[str, Any]) -> None:
-    """The scores into the run's attnzoo.json, when the run has one, for ``compare`` and later reports."""
+def _save_scores(run: Run, localization: dict[str, Any] | None, faithfulness: dict[str, Any],
+                 notes: list[str]) -> None:
+    """The scores into the run's attnzoo.json, when the run has one, for ``compare`` and later reports; a run
+    folder that cannot be written (read-only) keeps them out, and ``notes`` says so."""
     if run.path is not None and (Path(run.path) / CONFIG).is_file():
         entries: dict[str, Any] = {"faithfulness": faithfulness}
         if localization is not None:
             entries["localization"] = localization
-        run.config = RunFolder(run.path).update(**entries)
+        try:
+            run.config = RunFolder(run.path).update(**entries)
+        except OSError as e:
+            notes.append(f"the scores are not saved in {Path(run.path) / CONFIG} ({e.strerror or e}): they are in "
+                         f"the report and in --json")
 
 
 def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | None = None, n: int = 6,
@@ -346,8 +373,9 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
         raise AttnzooError("the run has no folder; pass out=DIR")
     _check_counts(n, deletion_images, steps, road_images, sanity_images, tolerance)
     specs = cam_specs(run.model, cams, cam_at, run.img_size)
-    out = _output_folder(run, out)
+    out = _output_folder(run, out, data)
     info = validation_set(run, data)
+    notes: list[str] = []
     paths = list(info.valid)
     index = {p: i for i, p in enumerate(paths)}
     labels = torch.tensor([run.classes.index(p.parent.name) for p in paths])
@@ -360,7 +388,7 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
     boxes: list[metrics.ImageBoxes | None] = [None] * len(paths)
     if has_boxes(info.root):
         progress("boxes", 0, 1)
-        boxes = load_boxes(info.root, paths, run.img_size)
+        boxes = load_boxes(info.root, paths, run.img_size, notes)
     keep = [i for i, b in enumerate(boxes) if b is not None]  # scored for localisation
     chosen = [index[p] for p in sample_valid(paths, deletion_images, seed)]  # for the curves, ROAD, sanity
     need = sorted(set(keep) | set(chosen))
@@ -384,10 +412,12 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
         files[mode] = figures.save_figure(
             curves_figure(curves[mode], mode, f"{mode} curves ({len(chosen)} validation images)"), out / PLOTS[mode])
 
+    if not has_boxes(info.root):
+        notes.append(f"no {BOXES_FILE} at the data root {info.root}: localisation not scored")
+    _save_scores(run, localization, faithfulness, notes)
     result = Interpretation(out, len(paths), float((preds == labels).float().mean()),
                             most_confused(cm, run.classes), localization, faithfulness, files,
-                            score_table(localization, faithfulness))
-    _save_scores(run, localization, faithfulness)
+                            score_table(localization, faithfulness), notes)
     files["report"] = write_report(run, result, out / REPORT)
     return result
 

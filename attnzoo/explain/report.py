@@ -362,9 +362,10 @@ class Interpretation:
     faithfulness: dict[str, Any]
     files: dict[str, Path] = field(default_factory=dict)
     table: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what a reader of the numbers must know (boxes, saving)
 
     def to_dict(self) -> dict[str, Any]:
         """Every number, for ``interpret --json``: strict JSON (a score not measured is null, never NaN)."""
         return strict_json(dict(accuracy=self.accuracy, images=self.n_images, most_confused=self.confused,
-                            table=self.table, localization=self.localization, faithfulness=self.faithfulness,
-                            files={k: str(v) for k, v in self.files.items()}))
+                                table=self.table, localization=self.localization, faithfulness=self.faithfulness,
+                                files={k: str(v) for k, v in self.files.items()}, notes=self.notes))

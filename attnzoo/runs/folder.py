@@ -370,8 +370,8 @@ class RunFolder:
             except OSError as e:
                 raise AttnzooError(f"cannot write in the run folder {self.path}: {e.strerror or e}") from None
             if lock.is_dir() or not lock.is_file():
-                raise AttnzooError(f"{lock} is not attnzoo's lock file (a {'folder' if lock.is_dir() else 'special file'}"
-                                   f"); remove it, then run again")
+                kind = "folder" if lock.is_dir() else "special file"
+                raise AttnzooError(f"{lock} is not attnzoo's lock file (a {kind}); remove it, then run again")
             host, pid = ([*lock.read_text(errors="replace").split(), "?", "0"])[:2]
             if host == socket.gethostname() and (not pid.isdigit() or not _alive(int(pid))):
                 lock.unlink(missing_ok=True)  # its process is gone: a killed run's lock

@@ -63,6 +63,13 @@ def replace_text(path: str | os.PathLike, text: str) -> Path:
     return replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
+def printable(text: str) -> str:
+    """``text`` safe to show, on a terminal or in a figure: control characters (a folder name can hold an escape
+    sequence that drives the terminal) and undecodable bytes (Python keeps them as surrogate escapes, which
+    neither UTF-8 nor a font takes) shown as escapes, as Python's repr shows them."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
 def strict_json(value: Any) -> Any:
     """``value`` as strict JSON takes it: every NaN or infinity, at any depth, as None (null), tuples as lists,
     numpy numbers as Python's. JSON has no NaN, and strict parsers refuse the bare ``NaN`` Python writes."""
@@ -95,6 +102,26 @@ def is_own_figure(image: Any) -> bool:
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def check_writable(path: Path, what: str, hint: str = "") -> None:
+    """A folder can be made (or written) at ``path``: its nearest existing part is a folder this process can write
+    in. Tried, not inferred from permission bits: root passes ``os.access`` on read-only places such as /proc."""
+    import tempfile
+
+    parent = path.absolute()
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        if parent == path.absolute():
+            return  # an existing file at --out: the run folder's own check says so
+        raise AttnzooError(f"{what} {path} cannot be made: {parent} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".attnzoo-write-test-", dir=parent))
+    except OSError as e:
+        verb = "written in" if path.exists() else "made"
+        raise AttnzooError(f"{what} {path} cannot be {verb}: cannot write in {parent} "
+                           f"({e.strerror or type(e).__name__}){hint}") from None
 
 
 def _user_images(folder: Path, limit: int = 20) -> list[Path]:

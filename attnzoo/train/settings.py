@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import tempfile
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnzooError
+from ..runs.outputs import check_writable
 from .threads import check_threads, cpu_budget
 
 MAX_EPOCHS = 10_000
@@ -190,7 +190,7 @@ class FitConfig:
             raise AttnzooError(f"weights file not found: {self.weights}")
         if self.resume is None:  # resume reads and writes its own folder, checked when it is read
             target, what = (self.out, "--out") if self.out is not None else (self.runs_dir, "runs folder")
-            _check_writable(Path(target), what)
+            check_writable(Path(target), what)
 
 
 REQUIRED = ("backbone", "attn", "data")  # of a new run
@@ -292,24 +292,6 @@ def _learning_rate(lr: Any) -> float | str:
     if lr > MAX_LR:
         raise AttnzooError(f"lr must be at most {MAX_LR:g}, got {lr:g}")
     return float(lr)
-
-
-def _check_writable(path: Path, what: str) -> None:
-    """A folder can be made at ``path``: its nearest existing parent is a folder this process can write in.
-
-    Tried, not inferred from permission bits: root passes ``os.access`` on read-only places such as /proc."""
-    parent = path.absolute()
-    while not os.path.lexists(parent) and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        if parent == path.absolute():
-            return  # an existing file at --out: the run folder's own check says so
-        raise AttnzooError(f"{what} {path} cannot be made: {parent} is a file, not a folder")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".attnzoo-write-test-", dir=parent))
-    except OSError as e:
-        raise AttnzooError(f"{what} {path} cannot be made: cannot write in {parent} "
-                           f"({e.strerror or type(e).__name__})") from None
 
 
 _FIELDS: dict[str, Field] = {f.name: f for f in fields(FitConfig)}
