@@ -27,7 +27,8 @@ from torch import nn
 
 from ..errors import AttnzooError
 from ..runs.folder import CONFIG, PLOTS, REPORT, RunFolder
-from ..runs.predict import Run
+from ..runs.hub import is_name
+from ..runs.predict import Run, load_run
 from . import figures, metrics, trust
 from .boxes import BOXES_FILE, has_boxes, load_boxes
 from .cams import (
@@ -221,8 +222,8 @@ def _sanity(run: Run, x: torch.Tensor, target: torch.Tensor, maps: Mapping[str, 
     return {k: metrics.rank_correlation(maps[k], random_maps[k]) for k in maps if k in random_maps}
 
 
-def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | None = None, n: int = 6,
-                  deletion_images: int = 100, steps: int = 10, seed: int = 0, bs: int = 32,
+def interpret_run(run: Run | str | Path, data: str | Path | None = None, out: str | Path | None = None,
+                  n: int = 6, deletion_images: int = 100, steps: int = 10, seed: int = 0, bs: int = 32,
                   cams: str | Sequence[str] = "gradcam", cam_at: str = "final", tolerance: float = 15.0,
                   road_images: int = 16, sanity_images: int = 32, progress: Progress | None = None) -> Interpretation:
     """What ``attnzoo interpret`` does, on the run's validation images. Writes into ``out`` (default: the run
@@ -234,21 +235,30 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
     at each attention site; computed for the true class. ``tolerance``: of the pointing game, in original-image
     pixels. Deletion and insertion curves use ``deletion_images`` images spread over the classes; ROAD and the
     sanity check (model-parameter randomisation) the first ``road_images`` and ``sanity_images`` of them.
+
+    ``run``: a ``Run``, or a run folder or name (``hf-hub:org/name``, ``local-dir:PATH``), loaded once the
+    options are checked. A run taken by name has no folder of its own to write into (a Hub download lives in
+    the Hub's cache): it needs ``out``, and ``data`` (a Hub repo holds no data).
     """
     progress = progress or _noop
-    if run.path is None and out is None:
-        raise AttnzooError("the run has no folder; pass out=DIR")
+    if not isinstance(run, Run):
+        if is_name(str(run)) and (out is None or data is None):
+            raise AttnzooError(f"{run} is a model repo, not a run folder of yours: pass --data DIR (its images) and "
+                               f"--out DIR (a new folder for the plots and report)")
+        run = load_run(run)
+    if run.own_folder is None and out is None:
+        raise AttnzooError(f"{run.source or 'the run'} has no run folder of its own to write into; pass --out DIR")
     for name, value in (("deletion_images", deletion_images), ("steps", steps), ("n", n)):
         if value < 1:
             raise AttnzooError(f"{name} must be at least 1, got {value}")
     if road_images < 0 or sanity_images < 0 or not tolerance >= 0:
         raise AttnzooError("road_images, sanity_images and tolerance must not be negative")
     specs = cam_specs(run.model, cams, cam_at, run.img_size)
-    if out is not None and (run.path is None or Path(out).resolve() != Path(run.path).resolve()):
+    if out is not None and (run.own_folder is None or Path(out).resolve() != Path(run.own_folder).resolve()):
         from ..runs.outputs import check_new_folder
 
         check_new_folder(out)  # the run folder is attnzoo's own; any other holds nothing of the user's
-    out = Path(out) if out is not None else Path(run.path)
+    out = Path(out) if out is not None else Path(run.own_folder)
     info = validation_set(run, data)
     paths = list(info.valid)
     index = {p: i for i, p in enumerate(paths)}
@@ -335,11 +345,11 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
     result = Interpretation(out, len(paths), float((preds == labels).float().mean()),
                             most_confused(cm, run.classes), localization, faithfulness, files,
                             score_table(localization, faithfulness))
-    if run.path is not None and (Path(run.path) / CONFIG).is_file():
+    if run.own_folder is not None and (Path(run.own_folder) / CONFIG).is_file():
         entries: dict[str, Any] = {"faithfulness": faithfulness}
         if localization is not None:
             entries["localization"] = localization
-        run.config = RunFolder(run.path).update(**entries)
+        run.config = RunFolder(run.own_folder).update(**entries)
     files["report"] = write_report(run, result, out / REPORT)
     return result
 

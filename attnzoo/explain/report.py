@@ -208,7 +208,7 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
     counts = data.get("counts") or {}
     sites = ", ".join(cfg.get("sites") or []) or "none (baseline)"
     kind = run.model.kind or "no attention"
-    name = run.path.name if run.path is not None else path.parent.name
+    name = run.name if run.path is not None else path.parent.name
     n_train = sum((counts.get("train") or {}).values())
     lead = (f"<b>{html.escape(str(cfg.get('backbone')))}</b> with <b>{html.escape(str(cfg.get('attn')))}</b> "
             f"attention ({html.escape(kind)}) at <b>{html.escape(sites)}</b>, trained for "
