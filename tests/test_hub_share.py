@@ -399,3 +399,15 @@ def test_export_hub_makes_the_face_of_an_older_run(own_run, tmp_path, capsys):
     copied = {p.name for p in (tmp_path / "repo").iterdir()}
     assert code == 0 and HUB_NAMES <= copied <= set(HUB_FILES)
     assert attnzoo.load_run(f"local-dir:{tmp_path / 'repo'}").classes == ["blue", "green", "red"]
+
+
+@pytest.mark.slow  # interpret's figures and scores: several seconds
+def test_interpret_a_hub_repo_with_data_writes_only_into_out(tiny_run, tiny_folder, hub_cache, tmp_path, capsys):
+    snapshot = cache_repo(hub_cache, "org/tiny", hub_files(tiny_run))
+    before = sorted(p.name for p in snapshot.iterdir())
+    code, out, err = run_cli(capsys, "interpret", "hf-hub:org/tiny", "--data", str(tiny_folder), "--out",
+                             str(tmp_path / "explained"), "--n", "2", "--deletion-images", "3", "--road-images", "0",
+                             "--sanity-images", "0", "--json")
+    assert code == 0, err
+    assert json.loads(out)["images"] == 12 and (tmp_path / "explained" / "report.html").is_file()
+    assert sorted(p.name for p in snapshot.iterdir()) == before

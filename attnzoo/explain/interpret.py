@@ -222,6 +222,19 @@ def _sanity(run: Run, x: torch.Tensor, target: torch.Tensor, maps: Mapping[str, 
     return {k: metrics.rank_correlation(maps[k], random_maps[k]) for k in maps if k in random_maps}
 
 
+def _writable_run(run: Run | str | Path, data: str | Path | None, out: str | Path | None) -> Run:
+    """The run, loaded when given by folder or name, once it is known where its outputs go: a run taken by name
+    needs ``out`` and ``data`` (checked before a download)."""
+    if not isinstance(run, Run):
+        if is_name(str(run)) and (out is None or data is None):
+            raise AttnzooError(f"{run} is a model repo, not a run folder of yours: pass --data DIR (its images) and "
+                               f"--out DIR (a new folder for the plots and report)")
+        run = load_run(run)
+    if run.own_folder is None and out is None:
+        raise AttnzooError(f"{run.source or 'the run'} has no run folder of its own to write into; pass --out DIR")
+    return run
+
+
 def interpret_run(run: Run | str | Path, data: str | Path | None = None, out: str | Path | None = None,
                   n: int = 6, deletion_images: int = 100, steps: int = 10, seed: int = 0, bs: int = 32,
                   cams: str | Sequence[str] = "gradcam", cam_at: str = "final", tolerance: float = 15.0,
@@ -235,19 +248,10 @@ def interpret_run(run: Run | str | Path, data: str | Path | None = None, out: st
     at each attention site; computed for the true class. ``tolerance``: of the pointing game, in original-image
     pixels. Deletion and insertion curves use ``deletion_images`` images spread over the classes; ROAD and the
     sanity check (model-parameter randomisation) the first ``road_images`` and ``sanity_images`` of them.
-
-    ``run``: a ``Run``, or a run folder or name (``hf-hub:org/name``, ``local-dir:PATH``), loaded once the
-    options are checked. A run taken by name has no folder of its own to write into (a Hub download lives in
-    the Hub's cache): it needs ``out``, and ``data`` (a Hub repo holds no data).
+    ``run``: a ``Run``, a run folder, or a name (``hf-hub:``, ``local-dir:``: needs ``out`` and ``data``).
     """
     progress = progress or _noop
-    if not isinstance(run, Run):
-        if is_name(str(run)) and (out is None or data is None):
-            raise AttnzooError(f"{run} is a model repo, not a run folder of yours: pass --data DIR (its images) and "
-                               f"--out DIR (a new folder for the plots and report)")
-        run = load_run(run)
-    if run.own_folder is None and out is None:
-        raise AttnzooError(f"{run.source or 'the run'} has no run folder of its own to write into; pass --out DIR")
+    run = _writable_run(run, data, out)
     for name, value in (("deletion_images", deletion_images), ("steps", steps), ("n", n)):
         if value < 1:
             raise AttnzooError(f"{name} must be at least 1, got {value}")
