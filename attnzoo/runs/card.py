@@ -8,6 +8,7 @@ part, the training command shows ``DATA`` for it.
 
 from __future__ import annotations
 
+import math
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,12 +51,12 @@ def card_data(record: Mapping[str, Any], config: Mapping[str, Any], repo_id: str
     common = dict(task_type=TASK, dataset_type="imagefolder", dataset_name=dataset_name(record),
                   dataset_split="validation")
     results = []
-    accuracy = ((record.get("metrics") or {}).get("final") or {}).get("accuracy")
-    if isinstance(accuracy, (int, float)):
+    accuracy = config["attnzoo"]["metrics"].get("accuracy")  # finite numbers only
+    if accuracy is not None:
         results.append(EvalResult(**common, metric_type="accuracy", metric_value=round(float(accuracy), 4),
                                   metric_name="validation accuracy"))
     for site, verdict in (record.get("maps") or {}).items():
-        if isinstance(verdict.get("pointing"), (int, float)):
+        if isinstance(verdict.get("pointing"), (int, float)) and math.isfinite(verdict["pointing"]):
             results.append(EvalResult(**common, metric_type="pointing_game", metric_value=round(verdict["pointing"], 4),
                                       metric_name=f"pointing game ({site})"))
     name = (repo_id or REPO_PLACEHOLDER).rsplit("/", 1)[-1]
@@ -76,8 +77,7 @@ def dataset_name(record: Mapping[str, Any]) -> str:
 
 def _summary(record: Mapping[str, Any], config: Mapping[str, Any], repo_id: str) -> list[str]:
     attn, sites = record.get("attn") or "none", list(record.get("sites") or [])
-    final = (record.get("metrics") or {}).get("final") or {}
-    accuracy = final.get("accuracy")
+    accuracy = config["attnzoo"]["metrics"].get("accuracy")
     epochs = len((record.get("metrics") or {}).get("per_epoch") or [])
     size = record["img_size"]
     start = config["attnzoo"]["base_model"] or ("pretrained weights from a local file" if record.get("pretrained")
@@ -86,7 +86,7 @@ def _summary(record: Mapping[str, Any], config: Mapping[str, Any], repo_id: str)
     lines = [f"# {repo_id.rsplit('/', 1)[-1]}", "",
              f"A `{record['backbone']}` (timm) with {what}, trained with attnzoo"
              f" to tell {len(record['classes'])} classes apart"
-             + (f"; validation accuracy **{accuracy:.1%}**." if isinstance(accuracy, (int, float)) else "."), "",
+             + (f"; validation accuracy **{accuracy:.1%}**." if accuracy is not None else "."), "",
              "| | |", "|---|---|",
              f"| backbone | `{record['backbone']}` |",
              f"| attention module | `{attn}`, options `{dict(record.get('attn_options') or {})}` |",

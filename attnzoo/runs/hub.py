@@ -22,6 +22,7 @@ repo without ``model.safetensors`` is refused, whatever pickles it holds.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -58,7 +59,7 @@ LICENSE = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")  # the Hub's license ids: apa
 
 def is_name(run: str | os.PathLike) -> bool:
     """``run`` names a Hub repo or a folder read as one (``hf-hub:``, ``local-dir:``), not a run folder."""
-    return isinstance(run, str) and run.startswith((HUB, LOCAL_DIR))
+    return os.fspath(run).startswith((HUB, LOCAL_DIR))
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,14 @@ def split_repo(name: str) -> tuple[str, str | None]:
 def locate(run: str | os.PathLike) -> Source:
     """The folder a run is read from: a run folder, ``local-dir:PATH``, or ``hf-hub:org/name[@rev]`` downloaded
     into the Hub cache (offline: the cached snapshot, or one line saying it is not there)."""
-    if isinstance(run, str) and run.startswith(HUB):
-        return Source(download(run), run)
-    if isinstance(run, str) and run.startswith(LOCAL_DIR):
-        folder = Path(run.removeprefix(LOCAL_DIR)).expanduser()
+    name = os.fspath(run)
+    if name.startswith(HUB):
+        return Source(download(name), name)
+    if name.startswith(LOCAL_DIR):
+        folder = Path(name.removeprefix(LOCAL_DIR)).expanduser()
         if not folder.is_dir():
-            raise AttnzooError(f"{run}: no such folder")
-        return Source(folder, run)
+            raise AttnzooError(f"{name}: no such folder")
+        return Source(folder, name)
     return Source(Path(run))
 
 
@@ -249,7 +251,7 @@ def hub_config(record: Mapping[str, Any]) -> dict[str, Any]:
         format=HUB_FORMAT, version=__version__, attn=record.get("attn") or "none", kind=kind,
         sites=list(record.get("sites") or []), attn_options=dict(record.get("attn_options") or {}),
         pretrained=record.get("pretrained"), base_model=base_model(record), seed=record.get("seed"),
-        metrics={k: v for k, v in final.items() if isinstance(v, (int, float))},
+        metrics={k: v for k, v in final.items() if isinstance(v, (int, float)) and math.isfinite(v)},
         maps=dict(record.get("maps") or {}), versions=dict(record.get("versions") or {}))
     return config
 
@@ -299,8 +301,12 @@ def write_face(folder: RunFolder, repo_id: str | None = None, license: str | Non
     figures = [f for f in PLOTS.values() if folder.file(f).is_file()]
     config = hub_config(record)
     card = model_card(record, config, repo_id, license, figures)  # made (and checked) before either is written
-    replace_text(folder.file(HUB_CONFIG), json.dumps(config, indent=2) + "\n")
-    replace_text(folder.file(MODEL_CARD), card)
+    try:
+        replace_text(folder.file(HUB_CONFIG), json.dumps(config, indent=2, allow_nan=False) + "\n")
+        replace_text(folder.file(MODEL_CARD), card)
+    except OSError as e:
+        raise AttnzooError(f"cannot write the Hub face into {folder.path}: {e.strerror or e}; write it to a new "
+                           f"folder with `attnzoo export {folder.path} --format hub --out DIR`") from None
     return [f for f in HUB_FILES if folder.file(f).is_file()]
 
 
