@@ -393,12 +393,16 @@ def test_commands_take_a_run_by_name_and_never_write_into_the_cache(tiny_run, ti
 def test_export_hub_makes_the_face_of_an_older_run(own_run, tmp_path, capsys):
     for name in ("config.json", "README.md"):
         (own_run / name).unlink()
-    code, out, _ = run_cli(capsys, "export", str(own_run), "--format", "hub")
-    assert code == 0 and "config.json" in out and (own_run / "README.md").is_file()
     code, _, _ = run_cli(capsys, "export", str(own_run), "--format", "hub", "--out", str(tmp_path / "repo"))
     copied = {p.name for p in (tmp_path / "repo").iterdir()}
     assert code == 0 and HUB_NAMES <= copied <= set(HUB_FILES)
+    assert not (own_run / "config.json").exists()  # a new folder: the run folder is left as it is
     assert attnzoo.load_run(f"local-dir:{tmp_path / 'repo'}").classes == ["blue", "green", "red"]
+    code, out, _ = run_cli(capsys, "export", str(own_run), "--format", "hub")
+    assert code == 0 and "config.json" in out and (own_run / "README.md").read_text() == \
+        (tmp_path / "repo" / "README.md").read_text()
+    code, _, err = run_cli(capsys, "export", str(own_run), "--format", "hub", "--out", str(tmp_path / "repo"))
+    assert code == 2 and "already holds files" in err
 
 
 @pytest.mark.slow  # interpret's figures and scores: several seconds

@@ -47,7 +47,7 @@ from .folder import (
     check_config,
     read_json,
 )
-from .outputs import check_new_folder, replace_text
+from .outputs import check_new_folder, replace_text, write_new
 
 HUB, LOCAL_DIR = "hf-hub:", "local-dir:"
 HUB_FORMAT = 1
@@ -283,27 +283,32 @@ def base_model(record: Mapping[str, Any]) -> str | None:
     return getattr(cfg, "hf_hub_id", None) or None
 
 
-def write_face(folder: RunFolder, repo_id: str | None = None, license: str | None = None) -> list[str]:
-    """Write ``config.json`` and ``README.md`` into a finished run folder (its own files: replaced, atomically;
-    a file of the same name that attnzoo did not write is refused). Returns the Hub files the folder now holds,
-    the figures included: what a push uploads."""
+def render_face(folder: RunFolder, repo_id: str | None = None, license: str | None = None) -> dict[str, str]:
+    """The texts of a finished run's Hub face, ``{config.json: ..., README.md: ...}``, from its attnzoo.json;
+    the repo and license default to those of its last push."""
     record = folder.record or folder.read_config()
     if record.get("status") != "done":
         raise AttnzooError(f"{folder.path} has not finished training (status: {record.get('status')}); only a "
                            f"finished run has a Hub face")
     if not folder.file(WEIGHTS).is_file():
         raise AttnzooError(f"{folder.path} has no {WEIGHTS}")
-    for name in (HUB_CONFIG, MODEL_CARD):
-        _check_ours(folder.file(name))
     shared = record.get("hub") or {}
-    repo_id = repo_id or shared.get("repo_id")
-    license = license or shared.get("license")
     figures = [f for f in PLOTS.values() if folder.file(f).is_file()]
     config = hub_config(record)
-    card = model_card(record, config, repo_id, license, figures)  # made (and checked) before either is written
+    card = model_card(record, config, repo_id or shared.get("repo_id"), license or shared.get("license"), figures)
+    return {HUB_CONFIG: json.dumps(config, indent=2, allow_nan=False) + "\n", MODEL_CARD: card}
+
+
+def write_face(folder: RunFolder, repo_id: str | None = None, license: str | None = None) -> list[str]:
+    """Write ``config.json`` and ``README.md`` into a finished run folder (its own files: replaced, atomically;
+    a file of the same name that attnzoo did not write is refused). Returns the Hub files the folder now holds,
+    the figures included: what a push uploads."""
+    for name in (HUB_CONFIG, MODEL_CARD):
+        _check_ours(folder.file(name))
+    texts = render_face(folder, repo_id, license)  # made (and the card checked) before either is written
     try:
-        replace_text(folder.file(HUB_CONFIG), json.dumps(config, indent=2, allow_nan=False) + "\n")
-        replace_text(folder.file(MODEL_CARD), card)
+        for name, text in texts.items():
+            replace_text(folder.file(name), text)
     except OSError as e:
         raise AttnzooError(f"cannot write the Hub face into {folder.path}: {e.strerror or e}; write it to a new "
                            f"folder with `attnzoo export {folder.path} --format hub --out DIR`") from None
@@ -323,23 +328,26 @@ def _check_ours(path: Path) -> None:
 
 def export_face(run: str | os.PathLike, out: str | os.PathLike | None = None) -> tuple[Path, list[str]]:
     """What ``attnzoo export RUN --format hub`` does: the Hub face of a finished run, written into the run folder
-    (``out`` None: for runs that finished before attnzoo wrote it), or a new folder ``out`` holding only the
-    Hub files (the weights and figures copied). Returns the folder and its Hub files."""
+    (``out`` None: for runs that finished before attnzoo wrote it), or into a new folder ``out`` with copies of
+    the weights and figures, leaving the run folder as it is. Returns the folder and its Hub files."""
     import shutil
+    from functools import partial
 
-    if is_name(str(run)):
+    if is_name(run):
         raise AttnzooError(f"--format hub makes the Hub face of a run folder; {run} already is a Hub repo")
     if out is not None:
         check_new_folder(out)
     folder = RunFolder.open(run)
-    files = write_face(folder)
     if out is None:
-        return folder.path, files
+        return folder.path, write_face(folder)
+    texts = render_face(folder)
     target = Path(out)
-    target.mkdir(parents=True, exist_ok=True)
-    for name in files:
-        shutil.copyfile(folder.file(name), target / name)
-    return target, files
+    names = [f for f in HUB_FILES if f in texts or folder.file(f).is_file()]
+    for name in names:
+        write = (partial(Path.write_text, data=texts[name], encoding="utf-8") if name in texts
+                 else partial(shutil.copyfile, folder.file(name)))
+        write_new(target / name, write, fresh=False)
+    return target, names
 
 
 def uploads(folder: Path, files: Sequence[str]) -> list[tuple[str, Path]]:
