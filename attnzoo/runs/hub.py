@@ -117,7 +117,7 @@ def download(name: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
-        HfHubHTTPError,
+        IncompleteSnapshotError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -131,6 +131,9 @@ def download(name: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_FILES),
                                       local_files_only=bool(why), library_name="attnzoo", library_version=__version__))
+    except IncompleteSnapshotError:
+        raise AttnzooError(f"{name} is only partly in the local Hub cache and the Hub cannot be reached"
+                           f"{f' ({why})' if why else ''}; connect once to finish the download") from None
     except LocalEntryNotFoundError:
         how = f"the Hub cannot be reached ({why})" if why else "the Hub could not be reached"
         raise AttnzooError(f"{name} is not in the local Hub cache and {how}; connect once to download it") from None
@@ -139,9 +142,9 @@ def download(name: str) -> Path:
     except (RepositoryNotFoundError, GatedRepoError):
         raise AttnzooError(f"{name}: no such model repo on the Hub, or it is private or gated and your token "
                            f"cannot read it (log in with `hf auth login`)") from None
-    except (HfHubHTTPError, OSError) as e:
+    except Exception as e:  # HfHubHTTPError, OSError, and the hub client's other network errors
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise AttnzooError(f"cannot download {name}: {first}") from None
+        raise AttnzooError(f"cannot download {name}: {first}") from e
 
 
 def hub_weights(source: Source) -> Path:

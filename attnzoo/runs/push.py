@@ -46,6 +46,8 @@ def push(run: str | os.PathLike, repo_id: str, *, private: bool = False, revisio
     id, written in the card (and kept for the next push). ``add_commit``: add a commit to a repo that already
     holds files. ``token``: default, the one ``hf auth login`` saved or ``HF_TOKEN``."""
     folder = _finished(run)
+    if "@" in repo_id:
+        raise AttnzooError(f"push takes a repo id, ORG/NAME; give the branch with --revision, not '{repo_id}'")
     split_repo(f"hf-hub:{repo_id}")  # a bad id, before any network
     if license is not None and not LICENSE.fullmatch(license):
         raise AttnzooError(f"--license takes a Hub license id (apache-2.0, mit, cc-by-4.0, other...), "
