@@ -249,6 +249,31 @@ def test_plain_timm_loads_the_backbone_as_the_card_shows(tiny_run, monkeypatch):
     assert tuple(timm.data.resolve_data_config(model=built)["input_size"]) == (3, 32, 32)
 
 
+@pytest.mark.parametrize("attn,whole", [("none", True), ("softmask-sigmoid", False)])
+def test_plain_timm_loads_a_gate_or_baseline_backbone_as_the_card_says(tmp_path, monkeypatch, attn, whole):
+    """A baseline's repo is a whole timm model; a gate model's backbone loads too, but without its gates it is
+    not the model (the card says which)."""
+    from attnzoo.runs.hub import write_face
+
+    model = attnzoo.create_model("test_resnet", attn, num_classes=3, img_size=32).eval()
+    record = dict(backbone="test_resnet", attn=attn, sites=model.sites, classes=["a", "b", "c"], img_size=32,
+                  mean=[0.5] * 3, std=[0.5] * 3, status="done")
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    folder.save(model, record)
+    write_face(folder)
+    card = (folder.path / "README.md").read_text()
+    assert ("the whole model" in card) == whole and ("not this model's predictions" in card) == (not whole)
+    snippet = card.split("With timm alone", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda repo_id, filename: str(folder.path / filename))
+    scope: dict = {}
+    exec(snippet, scope)  # loads strictly: every backbone tensor, nothing left over
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        same = torch.equal(scope["backbone"].eval()(x), model(x))
+    assert same == whole
+
+
 # --- push --------------------------------------------------------------------------------------------------------
 
 class FakeHub:
