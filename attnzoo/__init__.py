@@ -8,7 +8,8 @@ The package, by concept (each subpackage's docstring lists its modules):
                         threads, fit
     attnzoo/explain/    CAMs, metrics, boxes, trust, figures, charts, report, interpret, show_attention,
                         compare
-    attnzoo/runs/       the run folder, outputs (atomic, no clobber), predict (load_run), export
+    attnzoo/runs/       the run folder, outputs (atomic, no clobber), predict (load_run), export, hub (the Hub
+                        face, hf-hub:/local-dir: names), card (the model card), push
     attnzoo/cli.py      the commands, each a thin layer over the function of the module named after it
     attnzoo/doctor.py   the environment checks
 

@@ -123,6 +123,12 @@ def _print_table(console: Any, title: str, columns: list[str], rows: list[list[A
     console.print(table)
 
 
+# a run by folder or by name: str, not Path, which would fold "local-dir:./x" or "hf-hub:org//name"
+RUN_HELP = ("a Hub model repo: hf-hub:ORG/NAME[@REVISION] (downloaded into the Hub cache; offline, a cached one "
+            "loads), or local-dir:PATH (a folder read as one)")
+RunOption = Annotated[str | None, typer.Option("--run", help=f"Run folder (default: the newest under ./runs), or "
+                                                              f"{RUN_HELP}.")]
+
 Threads = Annotated[str, typer.Option(help="Torch CPU threads: a number, or 'auto' for the cores no other job is "
                                            "using (one thread on a busy 2-core machine).")]
 
@@ -218,7 +224,7 @@ def _command_with_settings(function: Any, settings: Any = None, **typer_kwargs: 
 _command_with_settings(fit)
 
 
-def _predict(images: list[Path], run: Path | None, top: int, threads: str) -> tuple[Any, list, dict]:
+def _predict(images: list[Path], run: str | None, top: int, threads: str) -> tuple[Any, list, dict]:
     """The run (given, or the newest under ./runs), its top-k per image and the attention maps."""
     from .runs.folder import latest_run
     from .runs.outputs import existing_files
@@ -237,9 +243,10 @@ def _predict(images: list[Path], run: Path | None, top: int, threads: str) -> tu
 @app.command("show-attention")
 def show_attention(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
-    run: Annotated[Path | None, typer.Option(help="Run folder (default: the newest under ./runs).")] = None,
+    run: RunOption = None,
     out: Annotated[Path | None, typer.Option(help="Output PNG (one image) or folder (default: next to the run, "
-                                                  "attention/<image>.png); existing files are never replaced.")]
+                                                  "attention/<image>.png; ./attention/ for an hf-hub: or local-dir: "
+                                                  "run); existing files are never replaced.")]
     = None,
     top: Annotated[int, typer.Option(help="Predictions to show.")] = 3,
     threads: Threads = "auto",
@@ -260,7 +267,7 @@ def show_attention(
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
-    run: Annotated[Path | None, typer.Option(help="Run folder (default: the newest under ./runs).")] = None,
+    run: RunOption = None,
     top: Annotated[int, typer.Option(help="Predictions per image.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     threads: Threads = "auto",
@@ -359,11 +366,12 @@ def plugins(
 
 @app.command()
 def interpret(
-    run: Annotated[Path, typer.Argument(help="Run folder.")],
-    data: Annotated[Path | None, typer.Option(help="Image folder (default: the data folder recorded in the run).")]
-    = None,
+    run: Annotated[str, typer.Argument(help=f"Run folder, or {RUN_HELP}.")],
+    data: Annotated[Path | None, typer.Option(help="Image folder (default: the data folder recorded in the run; "
+                                                   "required for an hf-hub: or local-dir: run).")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the plots and report.html (default: the run "
-                                                  "folder).")] = None,
+                                                  "folder; required for an hf-hub: or local-dir: run, which is "
+                                                  "never written into).")] = None,
     n: Annotated[int, typer.Option(help="Images per figure (attention grid, top losses).")] = 6,
     deletion_images: Annotated[int, typer.Option(help="Validation images for the deletion and insertion "
                                                       "curves.")] = 100,
@@ -388,7 +396,6 @@ def interpret(
     from .explain.cams import cam_methods
     from .explain.interpret import interpret_run
     from .explain.report import COLUMNS
-    from .runs.predict import load_run
     from .train.threads import use_threads
 
     for name, value in (("--n", n), ("--deletion-images", deletion_images)):
@@ -396,7 +403,6 @@ def interpret(
             raise AttnzooError(f"{name} must be at least 1, got {value}")
     cams = cam_methods(cam or ["gradcam"])
     use_threads(threads)
-    r = load_run(run)
     console = _console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=_console(stderr=True), transient=True) as bar:
@@ -405,7 +411,7 @@ def interpret(
         def progress(what: str, done: int, total: int) -> None:
             bar.update(task, description=what, completed=done, total=total)
 
-        result = interpret_run(r, data=data, out=out, n=n, deletion_images=deletion_images, cams=cams,
+        result = interpret_run(run, data=data, out=out, n=n, deletion_images=deletion_images, cams=cams,
                                cam_at=cam_at, tolerance=tolerance, road_images=road_images,
                                sanity_images=sanity_images, progress=progress)
     if as_json:
@@ -486,20 +492,54 @@ def doctor(
 
 @app.command()
 def export(
-    run: Annotated[Path, typer.Argument(help="Run folder.")],
-    format: Annotated[str, typer.Option(help="onnx (dynamo exporter, checked with onnxruntime) or pt2 "
-                                             "(torch.export).")] = "onnx",
+    run: Annotated[str, typer.Argument(help=f"Run folder, or {RUN_HELP}.")],
+    format: Annotated[str, typer.Option(help="onnx (dynamo exporter, checked with onnxruntime), pt2 "
+                                             "(torch.export), or hub (the run folder's Hub face: config.json and "
+                                             "the model card, for runs older than it).")] = "onnx",
     maps: Annotated[bool, typer.Option("--maps/--no-maps", help="Add one attention map output per site.")] = True,
-    out: Annotated[Path | None, typer.Option(help="File to write (default: <run name>.<format>).")] = None,
+    out: Annotated[Path | None, typer.Option(help="File to write (default: <run name>.<format>); with --format "
+                                                  "hub, a new folder for the Hub files (default: the run "
+                                                  "folder itself).")] = None,
     threads: Threads = "auto",
 ) -> None:
-    """Export a run for deployment, dynamic batch; checked against PyTorch before it is written."""
+    """Export a run for deployment, dynamic batch; checked against PyTorch before it is written. Or, with
+    --format hub, make a run folder a Hub model repo (see `attnzoo push`)."""
     from .runs.export import export as export_run
 
     result = export_run(run, out, format=format, maps=maps, threads=threads)
+    if result.format == "hub":
+        _console().print(f"[green]hub:[/] {result.path}  {', '.join(result.outputs)}", soft_wrap=True)
+        return
     _console().print(f"[green]{result.format}:[/] {result.path}  outputs {', '.join(result.outputs)}; "
                      f"max |difference| from PyTorch {result.max_diff:.1e} at batch sizes "
                      f"{', '.join(map(str, result.batches))}")
+
+
+@app.command()
+def push(
+    run: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    repo_id: Annotated[str, typer.Argument(help="The Hub model repo, ORG/NAME or USER/NAME (made when missing).")],
+    private: Annotated[bool, typer.Option("--private", help="Make a new repo private.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Push to this branch (made when missing).")] = None,
+    license: Annotated[str | None, typer.Option(help="License id for the model card (apache-2.0, mit, "
+                                                     "cc-by-4.0, other...); kept for the next push.")] = None,
+    add_commit: Annotated[bool, typer.Option("--add-commit", help="Push onto a repo that already holds files, "
+                                                                  "as a new commit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Share a finished RUN as the Hugging Face Hub model repo REPO_ID: config.json, model.safetensors, the model
+    card (README.md) and the figures, nothing else (never attnzoo.json, checkpoints or data). Needs a token
+    (`hf auth login` or HF_TOKEN). Load it anywhere with --run hf-hub:REPO_ID."""
+    from .runs.push import push as push_run
+
+    pushed = push_run(run, repo_id, private=private, revision=revision, license=license, add_commit=add_commit)
+    if as_json:
+        _emit_json(pushed.to_dict())
+        return
+    console = _console()
+    console.print(f"pushed {len(pushed.files)} files: {', '.join(pushed.files)}", soft_wrap=True)
+    console.print(f"[green]{pushed.url}[/]", soft_wrap=True)
+    console.print(f"load it with: attnzoo predict IMAGE --run hf-hub:{pushed.repo_id}", soft_wrap=True)
 
 
 def _command() -> Any:

@@ -27,7 +27,8 @@ from torch import nn
 
 from ..errors import AttnzooError
 from ..runs.folder import CONFIG, PLOTS, REPORT, RunFolder
-from ..runs.predict import Run
+from ..runs.hub import is_name
+from ..runs.predict import Run, load_run
 from ..train.demo import demo_root
 from . import figures, metrics, trust
 from .boxes import BOXES_FILE, has_boxes, load_boxes
@@ -253,9 +254,10 @@ def _output_folder(run: Run, out: str | Path | None, data: str | Path | None) ->
     (when it can be written in)."""
     from ..runs.outputs import check_new_folder, check_writable, refuse_data_folder
 
-    if out is None or (run.path is not None and Path(out).resolve() == Path(run.path).resolve()):
-        check_writable(Path(run.path), "the run folder", hint="; pass --out DIR for the plots and report")
-        return Path(run.path)
+    own = run.own_folder
+    if out is None or (own is not None and Path(out).resolve() == Path(own).resolve()):
+        check_writable(Path(own), "the run folder", hint="; pass --out DIR for the plots and report")
+        return Path(own)
     check_new_folder(out)  # the run folder is attnzoo's own; any other holds nothing of the user's
     refuse_data_folder(out, data_root(run, data))
     return Path(out)
@@ -343,19 +345,33 @@ def _save_scores(run: Run, localization: dict[str, Any] | None, faithfulness: di
                  notes: list[str]) -> None:
     """The scores into the run's attnzoo.json, when the run has one, for ``compare`` and later reports; a run
     folder that cannot be written (read-only) keeps them out, and ``notes`` says so."""
-    if run.path is not None and (Path(run.path) / CONFIG).is_file():
+    own = run.own_folder
+    if own is not None and (Path(own) / CONFIG).is_file():
         entries: dict[str, Any] = {"faithfulness": faithfulness}
         if localization is not None:
             entries["localization"] = localization
         try:
-            run.config = RunFolder(run.path).update(**entries)
+            run.config = RunFolder(own).update(**entries)
         except OSError as e:
-            notes.append(f"the scores are not saved in {Path(run.path) / CONFIG} ({e.strerror or e}): they are in "
+            notes.append(f"the scores are not saved in {Path(own) / CONFIG} ({e.strerror or e}): they are in "
                          f"the report and in --json")
 
 
-def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | None = None, n: int = 6,
-                  deletion_images: int = 100, steps: int = 10, seed: int = 0, bs: int = 32,
+def _writable_run(run: Run | str | Path, data: str | Path | None, out: str | Path | None) -> Run:
+    """The run, loaded when given by folder or name, once it is known where its outputs go: a run taken by name
+    needs ``out`` and ``data`` (checked before a download)."""
+    if not isinstance(run, Run):
+        if is_name(str(run)) and (out is None or data is None):
+            raise AttnzooError(f"{run} is a model repo, not a run folder of yours: pass --data DIR (its images) and "
+                               f"--out DIR (a new folder for the plots and report)")
+        run = load_run(run)
+    if run.own_folder is None and out is None:
+        raise AttnzooError(f"{run.source or 'the run'} has no run folder of its own to write into; pass --out DIR")
+    return run
+
+
+def interpret_run(run: Run | str | Path, data: str | Path | None = None, out: str | Path | None = None,
+                  n: int = 6, deletion_images: int = 100, steps: int = 10, seed: int = 0, bs: int = 32,
                   cams: str | Sequence[str] = "gradcam", cam_at: str = "final", tolerance: float = 15.0,
                   road_images: int = 16, sanity_images: int = 32, progress: Progress | None = None) -> Interpretation:
     """What ``attnzoo interpret`` does, on the run's validation images. Writes into ``out`` (default: the run
@@ -367,10 +383,10 @@ def interpret_run(run: Run, data: str | Path | None = None, out: str | Path | No
     at each attention site; computed for the true class. ``tolerance``: of the pointing game, in original-image
     pixels. Deletion and insertion curves use ``deletion_images`` images spread over the classes; ROAD and the
     sanity check (model-parameter randomisation) the first ``road_images`` and ``sanity_images`` of them.
+    ``run``: a ``Run``, a run folder, or a name (``hf-hub:``, ``local-dir:``: needs ``out`` and ``data``).
     """
     progress = progress or _noop
-    if run.path is None and out is None:
-        raise AttnzooError("the run has no folder; pass out=DIR")
+    run = _writable_run(run, data, out)
     _check_counts(n, deletion_images, steps, road_images, sanity_images, tolerance)
     specs = cam_specs(run.model, cams, cam_at, run.img_size)
     out = _output_folder(run, out, data)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import AttnzooError
 from ..runs.folder import FIGURES
+from ..runs.hub import is_name
 from ..runs.predict import Run, load_run
 from . import figures, trust
 from .interpret import display_image
@@ -16,8 +17,10 @@ def show_attention(run: Run | str | Path, images: Sequence[str | Path], out: str
                    top: int = 3, threads: int | str | None = None) -> list[tuple[Path, list[tuple[str, float]], Path]]:
     """What ``attnzoo show-attention`` does: one PNG per image (the image, top predictions, every site's map).
 
-    ``run``: a ``Run``, or a run folder, loaded once the images and ``out`` are known to be usable.
-    ``out``: a ``.png`` file (one image) or a folder (default ``RUN/attention``). No file is written over:
+    ``run``: a ``Run``, or a run folder or name (``hf-hub:org/name``, ``local-dir:PATH``), loaded once the images
+    and ``out`` are known to be usable. ``out``: a ``.png`` file (one image) or a folder (default
+    ``RUN/attention``; ``./attention`` for a run taken by name, which has no folder of its own to write into, as a
+    Hub download lives in the Hub's cache). No file is written over:
     see ``outputs.per_image_outputs``. ``threads``: as ``fit``'s. Returns ``(image, top predictions, file
     written)`` per image."""
     from ..runs.outputs import existing_files, per_image_outputs, refuse_data_folder
@@ -26,13 +29,16 @@ def show_attention(run: Run | str | Path, images: Sequence[str | Path], out: str
     if top < 1:
         raise AttnzooError(f"--top must be at least 1, got {top}")
     images = existing_files(images)
-    folder = Path(run.path or ".") if isinstance(run, Run) else Path(run)
+    if isinstance(run, Run):
+        folder = Path(run.own_folder or ".")
+    else:
+        folder = Path("." if is_name(str(run)) else run)
     targets, fresh = per_image_outputs(images, out, folder / FIGURES)
     if out is not None:
         refuse_data_folder(out)
     use_threads(threads)
     if not isinstance(run, Run):
-        run = load_run(folder)
+        run = load_run(run)
     probs, maps = run.predict(images)
     maps = trust.ordered(maps, run.config.get("maps"))  # the map that carries the decision first, labelled
     tops = run.top(probs, top)

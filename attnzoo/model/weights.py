@@ -5,6 +5,9 @@ Knowing in a few seconds that the hub cannot be reached: without network the hub
 download for about a minute before it gives up; one short connection attempt tells the same. Weights already
 in the local cache still load: the download then runs in the hub's offline mode, which reads the cache and
 fails at once when the file is not there.
+
+torch and timm are imported by the functions that use them: ``attnzoo push`` asks ``unreachable()`` before any
+heavy import, so that an offline push fails in a second.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import torch
-from torch import nn
-
 from ..errors import AttnzooError, PretrainedUnavailable, UnknownNameError
-from .sites import timm_model
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 PROBE_TIMEOUT_S = 3.0
 
@@ -60,6 +63,8 @@ def offline(on: bool = True) -> Iterator[None]:
 
 def build_backbone(backbone: str, num_classes: int, pretrained: bool, pretrained_file: str | None,
                     **timm_kwargs: Any) -> nn.Module:
+    from .sites import timm_model
+
     kwargs: dict[str, Any] = dict(num_classes=num_classes, **timm_kwargs)
     if pretrained_file is not None:
         kwargs["pretrained_cfg_overlay"] = dict(state_dict=load_weights_file(Path(pretrained_file)))
@@ -105,6 +110,8 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise AttnzooError(f"{path} is not a readable safetensors file: {type(e).__name__}: {e}") from None
     import pickle
+
+    import torch
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,7 +1,9 @@
-"""Export a trained model for deployment: ONNX (dynamo exporter) or a ``torch.export`` program (``.pt2``).
+"""Export a trained model for deployment: ONNX (dynamo exporter) or a ``torch.export`` program (``.pt2``); or a
+run's Hub face (``hub``: ``config.json`` and the model card, see ``runs.hub``).
 
     attnzoo export runs/my-run                   # -> my-run.onnx: logits + one attention map per site
     attnzoo.export(load_run("runs/my-run"), "model.pt2", format="pt2", maps=False)
+    attnzoo export runs/my-run --format hub      # an older run becomes a Hub model repo (push it, or share it)
 
 The exported graph has a dynamic batch. Its outputs are ``logits`` (``[B, classes]``) and, with ``maps``,
 ``map:<site>`` (``[B, h, w]``, float32) for every site, the maps ``attention_maps()`` gives. Before a file
@@ -32,7 +34,7 @@ from .outputs import check_new_file, write_new
 
 log = logging.getLogger("attnzoo")
 
-Format = Literal["onnx", "pt2"]
+Format = Literal["onnx", "pt2", "hub"]
 #: batch sizes the export is checked at (it is traced at ``TRACE_BATCH``)
 CHECK_BATCHES = (1, 3)
 TRACE_BATCH = 2
@@ -77,7 +79,7 @@ def _model_and_meta(run_or_model: Any) -> tuple[AttentionModel, dict[str, str], 
         run_or_model = load_run(run_or_model)
     if isinstance(run_or_model, Run):
         run = run_or_model
-        model, name = run.model, run.path.name if run.path else "model"
+        model, name = run.model, run.name
         cfg = {"classes": run.classes, "img_size": run.img_size, "mean": list(run.mean), "std": list(run.std)}
     elif isinstance(run_or_model, AttentionModel):
         model, name = run_or_model, f"{run_or_model.backbone_name}-{run_or_model.attn}"
@@ -95,13 +97,21 @@ def _model_and_meta(run_or_model: Any) -> tuple[AttentionModel, dict[str, str], 
 
 def export(run_or_model: Any, path: str | os.PathLike | None = None, format: Format = "onnx", maps: bool = True,
            atol: float = ATOL, rtol: float = RTOL, threads: int | str | None = None) -> Exported:
-    """Export a run (folder, ``Run``) or an ``AttentionModel`` to ``path`` (default ``<run name>.<format>``, moving
-    on to ``-2``... when taken; a ``path`` given that exists is an error). ``threads``: as ``fit``'s. See the module
-    docstring."""
+    """Export a run (folder, ``Run``, a ``hf-hub:``/``local-dir:`` name) or an ``AttentionModel`` to ``path``
+    (default ``<run name>.<format>``, moving on to ``-2``... when taken; a ``path`` given that exists is an
+    error). ``format="hub"``: the Hub face of a run folder, written into it, or with ``path`` into a new folder
+    holding only the Hub files. ``threads``: as ``fit``'s. See the module docstring."""
     from ..train.threads import use_threads
 
-    if format not in ("onnx", "pt2"):
-        raise AttnzooError(f"format must be onnx or pt2, got '{format}'")
+    if format not in ("onnx", "pt2", "hub"):
+        raise AttnzooError(f"format must be onnx, pt2 or hub, got '{format}'")
+    if format == "hub":
+        from .hub import export_face
+
+        if not isinstance(run_or_model, (str, os.PathLike)):
+            raise AttnzooError("format='hub' takes a run folder")
+        folder, files = export_face(run_or_model, path)
+        return Exported(folder, format, files, 0.0, ())
     if path is not None:
         check_new_file(path, "export file")
     use_threads(threads)

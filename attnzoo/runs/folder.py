@@ -54,6 +54,9 @@ PLOTS = {
     "attention": "attention.png", "attention_cams": "attention_gradcam.png", "localization": "localization.png",
     "deletion": "deletion.png", "insertion": "insertion.png",
 }
+# what a Hub model repo made from a run holds (``attnzoo push``): never attnzoo.json (local paths), checkpoints,
+# skipped.txt (file names of the data) or the data; the plots are figures attnzoo made
+HUB_FILES = (HUB_CONFIG, WEIGHTS, MODEL_CARD, *PLOTS.values())
 FORMAT_VERSION = 1
 STATUSES = ("training", "interrupted", "failed", "done")
 # temporary files in a run folder: attnzoo's ".NAME.XXXXXXXX.tmp" (outputs.write_temporary), and ".tmpXXXXXX",
@@ -126,6 +129,16 @@ def _request_model() -> type[BaseModel]:
     return create_model("Request", __base__=_Lenient, **specs)
 
 
+class Shared(_Strict):
+    """Where the run was last pushed (``attnzoo push``): the license and repo its model card names again."""
+
+    repo_id: str
+    license: str | None = None
+    revision: str | None = None
+    url: str | None = None
+    commit: str | None = None
+
+
 class _Lenient(BaseModel):
     # a request holds what FitConfig checks when it is rebuilt; a newer attnzoo's settings are kept
     model_config = ConfigDict(extra="allow")
@@ -165,6 +178,7 @@ class RunConfig(_Strict):
     localization: dict[str, Any] | None = None
     faithfulness: dict[str, Any] | None = None
     versions: dict[str, str] = Field(default_factory=dict)
+    hub: Shared | None = None
 
 
 def _depth(value: Any) -> int:
@@ -184,16 +198,25 @@ def _depth(value: Any) -> int:
 
 def check_config(config: Any, where: str | os.PathLike = CONFIG) -> dict[str, Any]:
     """``config`` if it is a valid ``attnzoo.json``, else one ``AttnzooError`` line naming the field and the problem."""
+    fmt = config.get("format", FORMAT_VERSION) if isinstance(config, dict) else None
+    if isinstance(fmt, int) and fmt > FORMAT_VERSION:
+        raise AttnzooError(f"{where}: written by a newer attnzoo (format {fmt}; this one reads {FORMAT_VERSION}): "
+                           "upgrade attnzoo")
+    check_against(RunConfig, config, where)
+    if len(set(config["classes"])) != len(config["classes"]):
+        raise AttnzooError(f"{where}: classes: a class is named twice")
+    return config
+
+
+def check_against(schema: type[BaseModel], config: Any, where: str | os.PathLike) -> dict[str, Any]:
+    """``config`` if ``schema`` accepts it (a JSON object, not nested past any use), else one ``AttnzooError``
+    line naming the field and the problem: how attnzoo reads every JSON file it wrote."""
     if not isinstance(config, dict):
         raise AttnzooError(f"{where}: must hold a JSON object, not {json.dumps(config)[:40]}")
     if _depth(config) > _MAX_JSON_DEPTH:
         raise AttnzooError(f"{where}: nests deeper than {_MAX_JSON_DEPTH} levels: not a file attnzoo wrote")
-    fmt = config.get("format", FORMAT_VERSION)
-    if isinstance(fmt, int) and fmt > FORMAT_VERSION:
-        raise AttnzooError(f"{where}: written by a newer attnzoo (format {fmt}; this one reads {FORMAT_VERSION}): "
-                           "upgrade attnzoo")
     try:
-        RunConfig.model_validate(config)
+        schema.model_validate(config)
     except ValidationError as e:
         first = e.errors()[0]
         field_name = ".".join(str(part) for part in first["loc"])
@@ -201,8 +224,6 @@ def check_config(config: Any, where: str | os.PathLike = CONFIG) -> dict[str, An
             f"{first['msg'][0].lower()}{first['msg'][1:]}, got {json.dumps(first['input'], default=str)[:60]}")
         more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
         raise AttnzooError(f"{where}: {field_name}: {problem}{more}") from None
-    if len(set(config["classes"])) != len(config["classes"]):
-        raise AttnzooError(f"{where}: classes: a class is named twice")
     return config
 
 

@@ -1,5 +1,6 @@
-"""A trained run, ready to predict: ``load_run`` builds its model from the run folder, with its classes and
-preprocessing. JSON and safetensors only, never a pickle.
+"""A trained run, ready to predict: ``load_run`` builds its model from a run folder, or from a Hub repo by name
+(``hf-hub:org/name[@rev]``, ``local-dir:PATH``: see ``runs.hub``), with its classes and preprocessing. JSON and
+safetensors only, never a pickle.
 
 Loading needs neither fastai nor torchvision: preprocessing is PIL + torch, as in training (squash resize,
 then the backbone's normalisation).
@@ -19,7 +20,8 @@ from PIL import Image
 
 from ..errors import AttnzooError
 from ..model.create import AttentionModel, create_model
-from .folder import CONFIG, WEIGHTS, RunFolder, weights_header
+from .folder import CONFIG, HUB_CONFIG, WEIGHTS, RunFolder, weights_header
+from .hub import Source, hub_weights, locate, read_hub_config
 
 
 @dataclass
@@ -33,6 +35,20 @@ class Run:
     std: tuple[float, ...]
     config: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    source: str | None = None  # the name it was loaded by (hf-hub:..., local-dir:...); None for a run folder
+
+    @property
+    def name(self) -> str:
+        """The run's name for file names: the repo's, or its folder's."""
+        if self.source is not None or self.path is not None:
+            return Source(self.path or Path("."), self.source).title
+        return "model"
+
+    @property
+    def own_folder(self) -> Path | None:
+        """The run folder a command may write into (figures, reports), or None: a Hub download lives in the
+        Hub's cache and a ``local-dir:`` folder is read as a repo; neither is written into."""
+        return self.path if self.source is None else None
 
     def load_image(self, image: str | os.PathLike | Image.Image) -> Image.Image:
         if isinstance(image, Image.Image):
@@ -84,27 +100,45 @@ class Run:
         return [[(self.classes[i], float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(values, idx.tolist())]
 
 
-def _check_shapes(model: torch.nn.Module, weights: Path, n_classes: int) -> None:
-    """Every tensor in ``weights`` has the shape the model built from ``attnzoo.json`` expects."""
+def _check_shapes(model: torch.nn.Module, weights: Path, n_classes: int, config: Path | str) -> None:
+    """Every tensor in ``weights`` has the shape the model built from the run's config expects."""
     found = {k: tuple(v["shape"]) for k, v in weights_header(weights).items()}
     for name, tensor in model.state_dict().items():
         want, got = tuple(tensor.shape), found.get(name)
         if got is None or got == want:
             continue
         if want[:1] == (n_classes,) and got[:1] != want[:1]:  # the classifier: its outputs are the classes
-            raise AttnzooError(f"{weights.parent / CONFIG}: classes: {n_classes} names, but the weights in "
-                               f"{weights.name} have {got[0]} classes")
-        raise AttnzooError(f"{weights} does not fit the model in {CONFIG}: {name} is {list(got)} there, "
+            raise AttnzooError(f"{config}: classes: {n_classes} names, but the weights in {weights.name} have "
+                               f"{got[0]} classes")
+        raise AttnzooError(f"{weights} does not fit the model in {config}: {name} is {list(got)} there, "
                            f"{list(want)} in the model")
 
 
+def read_record(source: Source) -> tuple[dict[str, Any], Path | str, Path]:
+    """What builds a run's model, from either file that describes it: a run folder's ``attnzoo.json``, or the
+    ``config.json`` of a Hub repo (or a folder read as one), both checked against attnzoo.json's schema.
+    Returns the record, the file it came from (for messages) and the weights file."""
+    if source.hub_face:
+        record = read_hub_config(source.folder, source.name)
+        where = f"{source.name}: {HUB_CONFIG}" if source.name else source.folder / HUB_CONFIG
+        return record, where, hub_weights(source)
+    folder = RunFolder(source.folder)
+    record = folder.read_config()
+    weights = folder.path / WEIGHTS
+    if not weights.is_file():
+        status = record.get("status")
+        why = f" (status: {status})" if status and status != "done" else ""
+        raise AttnzooError(f"run folder has no weights ({WEIGHTS}){why}: {folder.path}")
+    return record, folder.path / CONFIG, weights
+
+
 def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
-    """A ready model from a run folder, with its classes and preprocessing. Never unpickles anything."""
+    """A ready model from a run folder, ``local-dir:PATH`` or ``hf-hub:org/name[@rev]`` (downloaded into the Hub
+    cache; offline, a cached repo loads), with its classes and preprocessing. Never unpickles anything."""
     from safetensors.torch import load_model
 
-    folder = RunFolder(path)
-    config = folder.read_config()
-    cfg_path = folder.path / CONFIG
+    source = locate(path)
+    config, cfg_path, weights = read_record(source)
     try:
         model = create_model(config["backbone"], config.get("attn"), at=config.get("sites") or None,
                              num_classes=len(config["classes"]), img_size=config["img_size"],
@@ -113,20 +147,15 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run
         raise AttnzooError(f"{cfg_path}: {e}") from None
     except (TypeError, ValueError, RuntimeError) as e:
         raise AttnzooError(f"{cfg_path}: cannot build the model it describes: {type(e).__name__}: {e}") from None
-    weights = folder.path / WEIGHTS
-    if not weights.is_file():
-        status = config.get("status")
-        why = f" (status: {status})" if status and status != "done" else ""
-        raise AttnzooError(f"run folder has no weights ({WEIGHTS}){why}: {folder.path}")
-    _check_shapes(model, weights, len(config["classes"]))
+    _check_shapes(model, weights, len(config["classes"]), cfg_path)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
     except Exception as e:  # a damaged file whose header still reads
         raise AttnzooError(f"{weights} is not a readable safetensors file: {type(e).__name__}: {e}") from None
     if missing or unexpected:
-        raise AttnzooError(f"{weights} does not fit the model in {CONFIG}: "
+        raise AttnzooError(f"{weights} does not fit the model in {cfg_path}: "
                            f"{len(missing)} missing, {len(unexpected)} unexpected tensors")
     model.eval()
     model.set_preprocessing(config["img_size"], config["mean"], config["std"], config["classes"])  # timm's data config
     return Run(model.to(device), list(config["classes"]), config["img_size"], tuple(config["mean"]),
-               tuple(config["std"]), config, folder.path)
+               tuple(config["std"]), config, source.folder, source.name)

@@ -12,8 +12,9 @@ epoch, and why the run stopped early, if it did. In the order fastai calls them:
 - ``History``, ``RichProgress``: one row per epoch, shown as a table under a progress bar;
 - ``FollowIdleCores``: torch's threads follow the cores other jobs leave idle, every epoch;
 - ``Checkpoints``: the last and the best epoch, after every epoch;
-- ``DecisionShares``, ``FinishRun``, ``RunPlots``: when the last fit ends, rank 0 measures each map's share of
-  the decision, saves the finished run, and draws its plots.
+- ``DecisionShares``, ``FinishRun``, ``RunPlots``, ``HubFace``: when the last fit ends, rank 0 measures each
+  map's share of the decision, saves the finished run, draws its plots, and writes its Hub face (config.json and
+  the model card, which shows the plots).
 
 Under ``torchrun`` / ``accelerate launch`` every process runs the same callbacks; those that write (the
 status, checkpoints, the finished run) do so on rank 0 only.
@@ -22,6 +23,7 @@ status, checkpoints, the finished run) do so on rank 0 only.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import signal
 import threading
@@ -40,6 +42,8 @@ from fastai.torch_core import get_model
 from ..runs.folder import BEST, LAST, RunFolder
 from . import distributed
 from .checkpoints import load_optimizer, rng_state, save_checkpoint, set_rng_state
+
+log = logging.getLogger("attnzoo")
 
 
 @dataclass
@@ -576,3 +580,20 @@ class RunPlots(RankZeroFinish):
         run = Run(get_model(self.learn.model), self.classes, self.img_size, self.mean, self.std, folder.record,
                   folder.path)
         fit_plots(self.learn, run, folder.path, self.state.history)
+
+
+class HubFace(RankZeroFinish):
+    """The finished run's Hub face (``runs.hub``): ``config.json`` and the model card, after the plots the card
+    shows. A failure here is a warning: the trained model matters more, and ``attnzoo export --format hub``
+    writes the face later."""
+
+    order = RunPlots.order + 1
+
+    def finish(self) -> None:
+        from ..runs.hub import write_face
+
+        try:
+            write_face(self.state.folder)
+        except Exception as e:
+            log.warning("the run's Hub face (config.json, README.md) was not written: %s: %s; write it with "
+                        "`attnzoo export %s --format hub`", type(e).__name__, e, self.state.folder.path)

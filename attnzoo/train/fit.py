@@ -146,7 +146,7 @@ def _train(settings: FitConfig, folder: RunFolder, *, console: Any, on_data: Any
         cb.RichProgress(console, total_epochs=sum(n for _, n, _ in state.phases), done=done),
         cb.Divergence(state, len(p.info.classes)), cb.DecisionShares(state, p.info, s.img_size),
         cb.FinishRun(state, p.training.summary),
-        cb.RunPlots(state, s.img_size, p.mean, p.std, list(p.info.classes)),
+        cb.RunPlots(state, s.img_size, p.mean, p.std, list(p.info.classes)), cb.HubFace(state),
     ]
     if s.threads == "auto":
         run_cbs.append(cb.FollowIdleCores(state))

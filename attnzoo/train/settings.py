@@ -230,6 +230,35 @@ def cli_settings() -> list[CliSetting]:
     return out
 
 
+#: settings that name local files: a published command shows a placeholder ('demo' is no file)
+LOCAL_PATHS = {"data": "DATA", "weights": "WEIGHTS"}
+
+
+def fit_command(request: Mapping[str, Any]) -> list[str]:
+    """The ``attnzoo fit`` command line that asks for a run's ``request`` again (for its model card): the
+    settings that differ from the defaults, local paths as placeholders (``LOCAL_PATHS``), and nothing of the
+    machine it ran on (workers, threads)."""
+    args = ["attnzoo", "fit"]
+    for f in fields(FitConfig):
+        meta, value = f.metadata, request.get(f.name)
+        if not (meta["on_cli"] and meta["requested"]) or meta["on_resume"] or value is None:
+            continue
+        if value == DEFAULTS[f.name] and f.name not in REQUIRED:
+            continue
+        if f.name in LOCAL_PATHS and value != "demo":
+            value = LOCAL_PATHS[f.name]
+        option = flag(f.name)
+        if isinstance(value, bool):
+            args.append(option if value else f"--no-{option[2:]}")
+        elif isinstance(value, Mapping):
+            args += [x for k, v in value.items() for x in (option, f"{k}={v}")]
+        elif isinstance(value, (list, tuple)):
+            args += [x for v in value for x in (option, str(v))]
+        else:
+            args += [option, f"{value:g}" if isinstance(value, float) else str(value)]
+    return args
+
+
 def from_cli(values: Mapping[str, Any]) -> dict[str, Any]:
     """Command-line values by parameter name -> settings by name (``--attn-arg`` parsed into a dict)."""
     by_param = {s.param: s.name for s in cli_settings()}
