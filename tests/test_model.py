@@ -108,8 +108,9 @@ def test_a_module_that_cannot_work_at_a_site_fails_at_create_time():
 
 def test_options_are_checked_at_create_time():
     with pytest.raises(AttnzooError, match="one of concat, indep"):
-        attnzoo.create_model("test_resnet", "lpa-pc", agg="mean")
-    model = attnzoo.create_model("test_resnet", "lpa-pc", num_classes=3, agg="indep", norm="sigmoid")
+        attnzoo.create_model("test_resnet", "lpa-pc", attn_kwargs={"agg": "mean"})
+    model = attnzoo.create_model("test_resnet", "lpa-pc", num_classes=3,
+                                 attn_kwargs={"agg": "indep", "norm": "sigmoid"})
     assert model.readout.agg == "indep" and model.readout.norm == "sigmoid"
 
 

@@ -73,12 +73,23 @@ def _test_function(module: ModuleType, kind: str, model_name: str) -> tuple[Any,
     return None
 
 
-def run_timm_test(kind: str, model_name: str, flavour: str, monkeypatch: pytest.MonkeyPatch) -> None:
+#: where timm's test asserts what attnzoo models differ in by design (checked to fail: a strict xfail)
+BY_DESIGN = {
+    ("test_model_default_cfgs_non_std", "readout"): (
+        "timm's test takes a num_classes=0 model's output to be num_features wide (forward_features' width); a "
+        "readout's is its attended features, head_hidden_size wide, as timm's API defines pre-logits"),
+}
+
+
+def run_timm_test(kind: str, model_name: str, flavour: str, request: pytest.FixtureRequest,
+                  monkeypatch: pytest.MonkeyPatch) -> None:
     module = timm_tests()
     found = _test_function(module, kind, model_name)
     if found is None:
         pytest.skip(f"timm does not run {KINDS[kind]} on {model_name}")
     fn, name, batch_size = found
+    if (fn.__name__, flavour) in BY_DESIGN:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=BY_DESIGN[fn.__name__, flavour]))
     attn = FLAVOURS[flavour]
     if attn is not None:
         def create_model(backbone: str, pretrained: bool = False, **kwargs: Any) -> Any:
@@ -91,13 +102,13 @@ def run_timm_test(kind: str, model_name: str, flavour: str, monkeypatch: pytest.
 @pytest.mark.parametrize("flavour", ["gate", "readout"])
 @pytest.mark.parametrize("kind", QUICK_KINDS)
 @pytest.mark.parametrize("model_name", QUICK_MODELS)
-def test_timm_model_tests_pass_on_attention_models(model_name, kind, flavour, monkeypatch):
-    run_timm_test(kind, model_name, flavour, monkeypatch)
+def test_timm_model_tests_pass_on_attention_models(model_name, kind, flavour, request, monkeypatch):
+    run_timm_test(kind, model_name, flavour, request, monkeypatch)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flavour", list(FLAVOURS))
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("model_name", MODELS)
-def test_timm_model_tests_on_every_test_model(model_name, kind, flavour, monkeypatch):
-    run_timm_test(kind, model_name, flavour, monkeypatch)
+def test_timm_model_tests_on_every_test_model(model_name, kind, flavour, request, monkeypatch):
+    run_timm_test(kind, model_name, flavour, request, monkeypatch)

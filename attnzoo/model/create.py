@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from timm.layers import is_notrace_module
 from timm.models._features import FeatureGetterNet
 from torch import nn
 
@@ -128,10 +129,16 @@ class SiteModule(nn.Module):
             if self.taps.current is not None:
                 self.taps.current[self.site.name] = x
             return out
-        y = _named(self.where, self.gate, x)
-        if not fx_tracing():  # a graph keeps no check: it would branch on traced values (the build checked the gate)
+        if not fx_tracing():
+            y = _named(self.where, self.gate, x)
             _check_gate_output(self.where, x, y)
-        return from_map(self.site, y, out)
+            return from_map(self.site, y, out)
+        # A graph keeps no check (it would branch on traced values; the build checked the gate). The gate's forward
+        # is traced as this module's code, so fx names its output after the site: torchvision's
+        # create_feature_extractor(model, ["backbone.layer3"]) takes the gated map, as the next layer sees it. (Called
+        # as a module, it would be named after its first path, gates.<site>: the site's last node would be ungated.)
+        gate = self.gate if is_notrace_module(type(self.gate)) else self.gate.forward
+        return from_map(self.site, _named(self.where, gate, x), out)
 
     def __iter__(self) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
         """As timm's ``checkpoint_seq`` runs a stage: its children one by one, then the inserted step."""
