@@ -488,6 +488,9 @@ def fx_graph(model: nn.Module) -> torch.fx.GraphModule:
 
     tracer = Tracer(autowrap_functions=tuple(get_notrace_functions()), param_shapes_constant=True)
     graph = tracer.trace(model)
+    for node in graph.nodes:  # annotations of a file with ``from __future__ import annotations`` are strings,
+        if node.op in ("placeholder", "output"):  # which the generated code names and TorchScript cannot read
+            node.type = None
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
