@@ -235,6 +235,11 @@ def test_features_only_gives_timms_feature_maps_with_the_attention_inside():
     torch.testing.assert_close(features[1], ungated[0] * model.attention_maps()["layer2"][:, None])
 
 
+def test_features_only_takes_the_features_from_forward_intermediates():
+    with pytest.raises(attnzoo.AttnzooError, match="feature_cls='hook'.*forward_intermediates"):
+        attnzoo.create_model("test_resnet", "softmask-sigmoid", features_only=True, feature_cls="hook")
+
+
 @pytest.mark.parametrize("attn", ["softmask-sigmoid", "lpa-pc", "sagan"])
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
 def test_fx_and_torchscript_give_eagers_logits(backbone, attn):

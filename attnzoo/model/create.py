@@ -100,6 +100,9 @@ class SiteModule(nn.Module):
     The wrapper iterates as the site's children followed by the inserted step, so ``checkpoint_seq`` (which
     iterates what it runs) runs and checkpoints the gate as its own segment.
 
+    ``torch.fx`` traces it (the checks of a gate's output run eagerly only), and names the gated map after the
+    site: ``create_feature_extractor(model, ["backbone.layer3"])`` returns what the next layer sees.
+
     State-dict keys stay timm's: a state-dict hook renames ``<site>.inner.*`` to ``<site>.*`` and leaves
     the gate out (its tensors are saved once, under the model's ``gates.<site>``), and a load pre-hook does
     the reverse, so timm checkpoints, ``--weights`` files and existing run folders load strict, into the
@@ -359,11 +362,15 @@ class AttentionModel(nn.Module):
         if self.readout is None or not hasattr(self.readout, "pre_logits"):
             return None
         infos = [self.site_info[s] for s in self.sites]
-        with torch.device("meta"), torch.no_grad():
-            twin = self._spec.cls([i.channels for i in infos], self.global_channels, self.num_classes,
-                                  **{**self._spec.defaults, **self.attn_options})
-            out = twin.pre_logits([torch.empty(1, i.channels, *i.size) for i in infos],
-                                  torch.empty(1, self.global_channels))
+        try:
+            with torch.device("meta"), torch.no_grad():
+                twin = self._spec.cls([i.channels for i in infos], self.global_channels, self.num_classes,
+                                      **{**self._spec.defaults, **self.attn_options})
+                out = twin.pre_logits([torch.empty(1, i.channels, *i.size) for i in infos],
+                                      torch.empty(1, self.global_channels))
+        except Exception as e:  # a plugin's readout that cannot run on the meta device: no head_hidden_size
+            log.debug("the pre_logits width of '%s' is unknown: %s", self.attn, e)
+            return None
         return int(out.shape[1])
 
     def _rebuilt_readout(self, num_classes: int) -> nn.Module:
