@@ -9,7 +9,9 @@ timm's test file is not in its wheel. It is read from ``$ATTNZOO_TIMM_TESTS``, e
 ``tests/timm_suite/timm_test_models.py`` (the file of the timm release attnzoo is tested with; the name keeps pytest
 from collecting it as a test file of its own); without it these tests are skipped, saying where to put it.
 
-The default run takes one model of each family and each test once; ``pytest -m slow`` runs all 18 models.
+The default run takes the tests attnzoo models once failed (default cfgs and head API, fx, TorchScript) and
+``forward_intermediates`` on a convnet and a token model; ``pytest -m slow`` runs every test on all 18 models, plain
+too, for the pass counts.
 """
 
 from __future__ import annotations
