@@ -9,9 +9,8 @@ timm's test file is not in its wheel. It is read from ``$ATTNZOO_TIMM_TESTS``, e
 ``tests/timm_suite/timm_test_models.py`` (the file of the timm release attnzoo is tested with; the name keeps pytest
 from collecting it as a test file of its own); without it these tests are skipped, saying where to put it.
 
-The default run takes the tests attnzoo models once failed (default cfgs and head API, fx, TorchScript) and
-``forward_intermediates`` on a convnet and a token model; ``pytest -m slow`` runs every test on all 18 models, plain
-too, for the pass counts.
+The default run takes the tests attnzoo models once failed (default cfgs and head API, fx, TorchScript) on a
+convnet and a token model; ``pytest -m slow`` runs every test on all 18 models, plain too, for the pass counts.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ KINDS = {
 FLAVOURS = {"plain": None, "gate": "softmask-sigmoid", "readout": "lpa-pc"}
 MODELS = timm.list_models("test_*")
 QUICK_MODELS = ("test_resnet", "test_vit")  # a convnet and a token model
-QUICK_KINDS = ("default_cfgs", "fx", "torchscript", "forward_intermediates")
+QUICK_KINDS = ("default_cfgs", "fx", "torchscript")
 #: timm's file marks its tests for timm's CI (base, cfg, fxforward...), marks this project does not declare
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnknownMarkWarning")
 
