@@ -140,7 +140,7 @@ def test_a_one_channel_model_with_drop_path_and_max_pooling_trains(attn):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0] and all(p.grad is not None for p in model.attention_modules()[0].parameters())
 
 
