@@ -31,13 +31,15 @@ class StripPoolGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         strips = x.mean(3, keepdim=True) + x.mean(2, keepdim=True)  # [B, C, H, W] by broadcasting
         gate = torch.sigmoid(self.score(strips))
-        attnzoo.report_map(self, lambda: gate[:, 0])  # how show-attention and attention_maps() see it
+        # how show-attention and attention_maps() see it: squeeze(gate, 1), computed only when somebody looks
+        attnzoo.report_map(self, torch.squeeze, gate, 1)
         return x * gate
 
 
 if __name__ == "__main__":
     print("conformance:", len(check_attention("strip-pool")), "checks passed")
-    model = attnzoo.create_model("test_resnet", "strip-pool", at=["layer2", "layer3"], num_classes=10, hidden=8)
+    model = attnzoo.create_model("test_resnet", "strip-pool", at=["layer2", "layer3"], num_classes=10,
+                                 attn_kwargs={"hidden": 8})
     logits = model(torch.randn(2, 3, 96, 96))
     print("logits", tuple(logits.shape))
     for site, m in model.attention_maps().items():

@@ -333,3 +333,35 @@ def test_interpret_into_a_run_folder_it_cannot_save_in_still_reports(capsys, tmp
                              "--road-images", "0", "--sanity-images", "0")
     assert code == 0 and "not saved" in err and "Read-only" in err and (tmp_path / "i" / "report.html").is_file()
     assert (run / "attnzoo.json").read_bytes() == before
+
+
+# --- timm's keywords through fit ---------------------------------------------------------------------------------
+
+def test_fit_trains_one_channel_images_with_drop_path_and_the_run_predicts_them(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", n=4, size=16)
+    code, _, err = run_cli(capsys, "fit", "--backbone", "test_resnet", "--attn", "lpa-pc", "--data", str(data),
+                           "--no-pretrained", "--bs", "4", "--img-size", "32", "--epochs", "1", "--in-chans", "1",
+                           "--drop-path", "0.1", "--drop", "0.2", "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    record = json.loads((tmp_path / "r" / "attnzoo.json").read_text())
+    assert record["timm_kwargs"] == {"in_chans": 1, "drop_rate": 0.2, "drop_path_rate": 0.1}
+    assert len(record["mean"]) == len(record["std"]) == 1
+    run = attnzoo.load_run(tmp_path / "r")
+    assert run.model.backbone.conv1[0].in_channels == 1
+    image = next((data / "valid" / "red").iterdir())
+    x = run.preprocess(run.load_image(image))
+    grey = Image.open(image).convert("L").resize((32, 32), Image.Resampling.BILINEAR)  # independent reading
+    want = (torch.tensor(list(grey.getdata()), dtype=torch.float32).view(1, 32, 32) / 255 - record["mean"][0]) \
+        / record["std"][0]
+    torch.testing.assert_close(x, want)
+    probs, _ = run.predict([image])
+    assert probs.shape == (1, 3) and torch.isfinite(probs).all()
+
+
+@pytest.mark.parametrize("option,value,message", [("--in-chans", "2", "in_chans must be 1"),
+                                                  ("--drop-path", "1.5", "--drop-path must be a number"),
+                                                  ("--drop", "-0.1", "--drop must be a number")])
+def test_timm_keywords_out_of_range_are_one_line(capsys, tmp_path, option, value, message):
+    code, _, err = run_cli(capsys, "fit", "--backbone", "test_resnet", "--attn", "none", "--data", "demo",
+                           option, value, "--out", str(tmp_path / "r"))
+    assert one_line(code, err) and message in err

@@ -108,8 +108,9 @@ def test_a_module_that_cannot_work_at_a_site_fails_at_create_time():
 
 def test_options_are_checked_at_create_time():
     with pytest.raises(AttnzooError, match="one of concat, indep"):
-        attnzoo.create_model("test_resnet", "lpa-pc", agg="mean")
-    model = attnzoo.create_model("test_resnet", "lpa-pc", num_classes=3, agg="indep", norm="sigmoid")
+        attnzoo.create_model("test_resnet", "lpa-pc", attn_kwargs={"agg": "mean"})
+    model = attnzoo.create_model("test_resnet", "lpa-pc", num_classes=3,
+                                 attn_kwargs={"agg": "indep", "norm": "sigmoid"})
     assert model.readout.agg == "indep" and model.readout.norm == "sigmoid"
 
 
@@ -145,6 +146,16 @@ def test_pretrained_weights_are_kept_when_attention_is_inserted(lite0_weights, p
     torch.testing.assert_close(_top(gated, photo), base)  # gamma = 0: the identity at start
     site = gated.sites[0].replace(".", "__")
     assert "new tensors" in caplog.text and f"gates.{site}.gamma" in caplog.text
+
+
+def test_timm_adapts_a_pretrained_first_conv_to_one_channel(lite0_weights):
+    from safetensors.torch import load_file
+
+    model = attnzoo.create_model("tf_efficientnet_lite0", "softmask-sigmoid", num_classes=3, in_chans=1,
+                                 pretrained_file=str(lite0_weights), img_size=64)
+    rgb = load_file(str(lite0_weights))["conv_stem.weight"]
+    torch.testing.assert_close(model.backbone.conv_stem.weight, rgb.sum(1, keepdim=True))  # timm sums RGB
+    assert model(torch.randn(1, 1, 64, 64)).shape == (1, 3)
 
 
 def test_a_weights_file_that_does_not_fit_is_a_clear_error(lite0_weights):

@@ -19,7 +19,7 @@ from attnzoo.runs.predict import Run, load_run
 
 def make_run(path, attn="lpa-dp", **options) -> Run:
     torch.manual_seed(0)
-    model = attnzoo.create_model("test_resnet", attn, num_classes=3, img_size=32, **options).eval()
+    model = attnzoo.create_model("test_resnet", attn, num_classes=3, img_size=32, attn_kwargs=options).eval()
     config = dict(backbone="test_resnet", attn=attn, attn_options=options, sites=model.sites,
                   classes=["a", "b", "c"], img_size=32, mean=[0.5] * 3, std=[0.25] * 3)
     RunFolder(path).save(model, config, [{"epoch": 1, "train_loss": 1.0, "valid_loss": 0.9, "accuracy": 0.5}])

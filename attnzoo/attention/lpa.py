@@ -123,7 +123,7 @@ class LearnToPayAttention(nn.Module):
                     g_a = torch.einsum("bn,bcn->bc", a, l.flatten(2)) / a.shape[1]
                 attended.append(g_a.to(g.dtype))
                 maps.append(a.unflatten(1, l.shape[2:]))
-        report_map(self, lambda: maps)
+        report_map(self, maps)
         return attended
 
     def forward(self, locals_: list[torch.Tensor], g: torch.Tensor) -> torch.Tensor:

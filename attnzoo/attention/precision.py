@@ -12,12 +12,16 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.fx
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
 def float32_scores(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """A context in which autocast is off on ``x``'s device (a no-op where it is not on)."""
+    """A context in which autocast is off on ``x``'s device (a no-op where it is not on, and while ``torch.fx``
+    traces: a traced graph has no device yet, and runs in the precision its caller sets)."""
+    if isinstance(x, torch.fx.Proxy):
+        return contextlib.nullcontext()
     device = x.device.type
     if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
         return torch.autocast(device, enabled=False)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -37,9 +38,9 @@ HEAD_WIDTH = 64
 CHUNK_ELEMS = 1 << 20
 
 
-def chunk_size(n: int, elems: int | None = None) -> int:
+def chunk_size(n: int, elems: int) -> int:
     """Queries per chunk for N positions: a function of N only, so the batch size stays free in a graph."""
-    return max(1, (CHUNK_ELEMS if elems is None else elems) // max(1, n))
+    return max(1, elems // max(1, n))
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -90,7 +91,7 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, chunk_elems: int | None
     never held.
     """
     n = q.shape[1]
-    step = chunk_size(n, chunk_elems)
+    step = chunk_size(n, CHUNK_ELEMS if chunk_elems is None else chunk_elems)
     kt = k.float().transpose(1, 2)
     with float32_scores(q):
         parts = [torch.softmax(q[:, s : s + step].float() @ kt, -1).sum(1) for s in range(0, n, step)]
@@ -115,7 +116,6 @@ class SelfAttention(nn.Module):
             raise ValueError(f"reduction must be >= 1, got {reduction}")
         self.qk_channels = max(1, channels // reduction)
         self.head_width = max(self.qk_channels, min(channels, HEAD_WIDTH))
-        self.heads = -(-channels // self.head_width)
         self.query = nn.Conv2d(channels, self.qk_channels, 1)
         self.key = nn.Conv2d(channels, self.qk_channels, 1)
         self.value = nn.Conv2d(channels, channels, 1)
@@ -123,42 +123,64 @@ class SelfAttention(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
+        h, w = x.shape[-2], x.shape[-1]
         # the fused kernels need unit stride along the feature dim, hence the copies (O(N*C), not O(N^2))
         q = self.query(x).flatten(2).transpose(1, 2).contiguous()  # [B, N, d]
         k = self.key(x).flatten(2).transpose(1, 2).contiguous()
         v = self.value(x).flatten(2).transpose(1, 2).contiguous()  # [B, N, C]
-        with float32_scores(x):
-            q32, k32, v32 = q.float(), k.float(), v.float()
-            if self.backend == "chunked" or (self.backend == "auto" and not x.is_cuda):
-                o = self._chunked(q32, k32, v32, chunk_size(h * w))
-            else:
-                o = self._sdpa(q32, k32, v32)
-            o = self.gamma * o.transpose(1, 2).unflatten(2, (h, w))
-        report_map(self, lambda: received_attention(q.detach(), k.detach()).unflatten(1, (h, w)))
+        o = self_attention(q, k, v, self.backend, self.head_width, CHUNK_ELEMS)
+        o = self.gamma * o.transpose(1, 2).unflatten(2, (h, w))
+        if not torch.jit.is_scripting():
+            report_map(self, received_map, q, k, h, w)
         return x + o.to(x.dtype)  # the sum keeps x's memory format (o is channels_last-strided)
 
-    @staticmethod
-    def _chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
-        """The chunked path: with its memory-light backward when a gradient is wanted, plain ops otherwise
-        (what a tracer such as ONNX's legacy exporter can read)."""
-        if torch.jit.is_tracing() or not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                                         or v.requires_grad)):
-            return chunked_attention(q, k, v, chunk)[0]
-        return ChunkedAttention.apply(q, k, v, chunk)
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The fused-kernel path: v in heads of ``head_width``, q and k zero-padded to it and shared."""
-        b, n, c = v.shape
-        d = self.head_width
-        pad = self.heads * d - c
-        if pad:
-            v = F.pad(v, (0, pad))
-        v = v.view(b, n, self.heads, d).transpose(1, 2)  # [B, heads, N, d]
-        qh = F.pad(q, (0, d - q.shape[-1])).unsqueeze(1).expand(b, self.heads, n, d)
-        kh = F.pad(k, (0, d - k.shape[-1])).unsqueeze(1).expand(b, self.heads, n, d)
-        o = F.scaled_dot_product_attention(qh, kh, v, scale=1.0)  # the paper has no 1/sqrt(d)
-        return o.transpose(1, 2).reshape(b, n, self.heads * d)[..., :c]
+def received_map(q: torch.Tensor, k: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """SAGAN's attention map: the attention each position receives, ``[B, h, w]``."""
+    return received_attention(q.detach(), k.detach()).unflatten(1, (h, w))
+
+
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, head_width: int,
+                   chunk_elems: int) -> torch.Tensor:
+    """softmax(q k^T) v in float32, whatever autocast says, for q, k ``[B, N, d]``, v ``[B, N, C]``: on the fused
+    kernels (``backend`` 'sdpa', or 'auto' on a GPU) or in chunks of ``chunk_elems`` scores per sample.
+
+    Its path depends on the device and on N, so ``torch.fx`` keeps it a leaf of its graphs (it is
+    ``torch.fx.wrap``-ped); TorchScript compiles the chunked path without its memory-light backward."""
+    if torch.jit.is_scripting():
+        return chunked_attention(q.float(), k.float(), v.float(), chunk_size(q.shape[1], chunk_elems))[0]
+    else:  # noqa: RET505 (TorchScript compiles neither branch it does not take, only when both are branches)
+        with float32_scores(q):
+            q, k, v = q.float(), k.float(), v.float()
+            if backend == "chunked" or (backend == "auto" and not q.is_cuda):
+                return _chunked(q, k, v, chunk_size(q.shape[1], chunk_elems))
+            return _sdpa(q, k, v, head_width)
+
+
+torch.fx.wrap("self_attention")
+
+
+def _chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The chunked path: with its memory-light backward when a gradient is wanted, plain ops otherwise
+    (what a tracer such as ONNX's legacy exporter can read)."""
+    if torch.jit.is_tracing() or not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                     or v.requires_grad)):
+        return chunked_attention(q, k, v, chunk)[0]
+    return ChunkedAttention.apply(q, k, v, chunk)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int) -> torch.Tensor:
+    """The fused-kernel path: v in heads of width ``d``, q and k zero-padded to it and shared."""
+    b, n, c = v.shape
+    heads = -(-c // d)
+    pad = heads * d - c
+    if pad:
+        v = F.pad(v, (0, pad))
+    v = v.view(b, n, heads, d).transpose(1, 2)  # [B, heads, N, d]
+    qh = F.pad(q, (0, d - q.shape[-1])).unsqueeze(1).expand(b, heads, n, d)
+    kh = F.pad(k, (0, d - k.shape[-1])).unsqueeze(1).expand(b, heads, n, d)
+    o = F.scaled_dot_product_attention(qh, kh, v, scale=1.0)  # the paper has no 1/sqrt(d)
+    return o.transpose(1, 2).reshape(b, n, heads * d)[..., :c]
 
 
 def naive_self_attention(m: SelfAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

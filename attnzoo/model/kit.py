@@ -6,8 +6,10 @@
 
 Each check raises ``AssertionError`` naming the module, the options and what went wrong. Modules are
 checked with their defaults and once for every choice of every ``Literal`` option; the module is also
-copied and pickled after a forward (an attnzoo model is saved with ``torch.save`` and copied by fastai), and
-traced by ``torch.compile`` (its outputs and maps must equal eager's), with its default options.
+copied and pickled after a forward (an attnzoo model is saved with ``torch.save`` and copied by fastai), traced by
+``torch.compile`` (its outputs and maps must equal eager's), and traced by ``torch.fx`` then compiled by TorchScript
+(what torchvision's feature extraction and ``torch.jit.script`` of a model do: outputs equal to eager's), with its
+default options.
 """
 
 from __future__ import annotations
@@ -205,6 +207,43 @@ def _check_compiles(spec: AttentionSpec, module: nn.Module, where: str) -> None:
     assert _same(got_maps, want_maps), f"{where}: the compiled module reports other maps than eager"
 
 
+class _Flat(nn.Module):
+    """A readout with its taps as separate arguments: fx traces a model whose taps are separate tensors."""
+
+    def __init__(self, readout: nn.Module):
+        super().__init__()
+        self.readout = readout
+
+    def forward(self, l0: torch.Tensor, l1: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return self.readout([l0, l1], g)
+
+
+def _check_traces(spec: AttentionSpec, module: nn.Module, where: str) -> None:
+    """``torch.fx`` traces the module (timm's notrace modules and functions are leaves) and TorchScript compiles the
+    traced graph; both compute eager's outputs."""
+    from .create import fx_graph
+
+    module.eval()
+    inputs = _inputs(spec, batch=2)
+    if spec.kind == "readout":
+        module, inputs = _Flat(module), (*inputs[0], inputs[1])
+    with torch.no_grad():
+        want = module(*inputs)
+        try:
+            graph = fx_graph(module)
+        except Exception as e:
+            raise AssertionError(f"{where}: torch.fx cannot trace it ({type(e).__name__}: {str(e)[:200]}); branch on "
+                                 f"no tensor value or shape, or register it with timm's register_notrace_module (it "
+                                 f"is then scripted as it is)") from e
+        assert _same(graph(*inputs), want), f"{where}: its torch.fx graph computes other outputs than eager"
+        try:
+            scripted = torch.jit.script(graph)
+        except Exception as e:
+            raise AssertionError(f"{where}: TorchScript cannot compile its fx graph ({type(e).__name__}: "
+                                 f"{str(e).strip()[:300]})") from e
+        assert _same(scripted(*inputs), want), f"{where}: its TorchScript computes other outputs than eager"
+
+
 def check_attention(name_or_class: str | type, options: dict[str, Any] | None = None) -> list[str]:
     """Run the conformance checks; return the list of checks passed (raises AssertionError on the first failure)."""
     spec = _spec(name_or_class)
@@ -244,6 +283,8 @@ def check_attention(name_or_class: str | type, options: dict[str, Any] | None = 
         if opts == variants[0]:
             _check_copies_after_forward(spec, _build(spec, opts, GATE_SIZES[0]), where)
             _check_compiles(spec, _build(spec, opts, GATE_SIZES[0]), where)
-            passed += [f"{where}: deepcopy and pickle after a forward", f"{where}: torch.compile"]
+            _check_traces(spec, _build(spec, opts, GATE_SIZES[0]), where)
+            passed += [f"{where}: deepcopy and pickle after a forward", f"{where}: torch.compile",
+                       f"{where}: torch.fx and TorchScript"]
     assert inspect.getdoc(spec.cls), f"{spec.name}: the class needs a docstring (paper, options)"
     return passed

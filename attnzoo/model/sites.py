@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from ..errors import AttnzooError, SiteError, UnknownNameError
@@ -84,8 +85,11 @@ class BackboneInfo:
     sites: tuple[Site, ...]
     global_channels: int  # width of the pooled pre-logits feature (g)
     levels: tuple[str, ...]  # site names of the feature levels, in order
-    timm_kwargs: tuple[tuple[str, Any], ...] = ()  # what the backbone needs to run at img_size (img_size)
+    # the timm keywords the backbone was read with (those that shape it), and img_size where it needs it to run
+    timm_kwargs: tuple[tuple[str, Any], ...] = ()
     refused: tuple[tuple[str, str], ...] = ()  # (module, why its output is not read as a feature map)
+    in_chans: int = 3
+    feature_shape: tuple[int, ...] = ()  # forward_features' output for one image, in the backbone's layout
 
     def site(self, name: str) -> Site:
         for s in self.sites:
@@ -108,20 +112,41 @@ def timm_model(name: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
-@lru_cache(maxsize=32)
-def introspect(name: str, img_size: int) -> BackboneInfo:
+#: timm keywords that change neither the sites nor their shapes: introspection leaves them out (and stays cached)
+NOT_SHAPING = frozenset({
+    "global_pool", "drop_rate", "drop_path_rate", "drop_block_rate", "attn_drop_rate", "proj_drop_rate",
+    "pos_drop_rate", "patch_drop_rate", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
+    "scriptable", "exportable", "no_jit",
+})
+
+
+def introspect(name: str, img_size: int, timm_kwargs: Mapping[str, Any] | None = None) -> BackboneInfo:
     """The sites of ``name`` at ``img_size``, from one forward on the meta device (no memory, no weights).
 
-    A backbone that cannot run at ``img_size`` as built (a ViT with a fixed 224 grid) is built with
-    ``img_size=img_size`` when its timm constructor takes it. Only then: a backbone that runs at any size
-    (``test_vit``, convnets) keeps its parameter shapes, so run folders trained before still load."""
+    ``timm_kwargs`` are the keywords the backbone is built with (``in_chans``, ``patch_size``, ``depths``...);
+    those that cannot change a site (``NOT_SHAPING``) are left out. A backbone that cannot run at ``img_size`` as
+    built (a ViT with a fixed 224 grid) is built with ``img_size=img_size`` when its timm constructor takes it.
+    Only then: a backbone that runs at any size (``test_vit``, convnets) keeps its parameter shapes, so run folders
+    trained before still load."""
+    shaping = tuple(sorted((k, v) for k, v in (timm_kwargs or {}).items() if k not in NOT_SHAPING and v is not None))
     try:
-        return _introspect_with(name, img_size, ())
+        hash(shaping)
+    except TypeError:  # a list or dict value: read, not cached
+        return _introspect.__wrapped__(name, img_size, shaping)
+    return _introspect(name, img_size, shaping)
+
+
+@lru_cache(maxsize=32)
+def _introspect(name: str, img_size: int, timm_kwargs: tuple[tuple[str, Any], ...]) -> BackboneInfo:
+    try:
+        return _introspect_with(name, img_size, timm_kwargs)
     except AttnzooError:
         raise
     except Exception as first:
+        if "img_size" in dict(timm_kwargs):
+            raise
         try:
-            return _introspect_with(name, img_size, (("img_size", img_size),))
+            return _introspect_with(name, img_size, (*timm_kwargs, ("img_size", img_size)))
         except TypeError:  # the constructor takes no img_size: the first error is the one to show
             raise first from None
 
@@ -264,7 +289,8 @@ def _introspect_with(name: str, img_size: int, timm_kwargs: tuple[tuple[str, Any
             return fn
 
         handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
-        x = torch.empty(PROBE_BATCH, 3, img_size, img_size)
+        in_chans = int(dict(timm_kwargs).get("in_chans", 3))
+        x = torch.empty(PROBE_BATCH, in_chans, img_size, img_size)
         with torch.no_grad():
             feats = model.forward_features(x)
             for h in handles:
@@ -304,12 +330,13 @@ def _introspect_with(name: str, img_size: int, timm_kwargs: tuple[tuple[str, Any
         else:
             sites.append(_site({**r, "name": n, "module": n}, img_size, None))
     level_names = tuple(s["name"] for s in found)
-    dead = _side_outputs(model, sites, img_size)
+    dead = _side_outputs(model, sites, x)
     sites = [replace(s, reaches_logits=s.name not in dead) for s in sites]
     taps, gate = _defaults(found, dead)
     sites = [replace(s, default_tap=s.name in taps, default_gate=s.name == gate) for s in sites]
     return BackboneInfo(name, img_size, tuple(sites), g.shape[1], level_names, timm_kwargs,
-                        tuple(sorted(refused.items())))
+                        tuple(sorted(refused.items())), in_chans,
+                        tuple(feats.shape[1:]) if isinstance(feats, torch.Tensor) else ())
 
 
 def _find_levels(levels: list[_Level], outputs: dict[str, list[Output]], order: list[str], modules: set[str],
@@ -435,7 +462,7 @@ def _site(r: dict[str, Any], img_size: int, level: int | None) -> Site:
                 r.get("prefix_tokens", 0), r.get("item"), r.get("order"))
 
 
-def _side_outputs(model: nn.Module, sites: list[Site], img_size: int) -> set[str]:
+def _side_outputs(model: nn.Module, sites: list[Site], x: torch.Tensor) -> set[str]:
     """The sites whose output does not reach the logits (an output timm keeps for ``forward_intermediates``
     only, as EfficientViM's stage maps): a gate there would change nothing. Found with a backward pass on the
     meta device, each site's map scaled by a probe; where that cannot run, no site is called one."""
@@ -455,7 +482,7 @@ def _side_outputs(model: nn.Module, sites: list[Site], img_size: int) -> set[str
     handles = [modules[s.module].register_forward_hook(scale(s)) for s in sites]
     try:
         with torch.device("meta"):
-            logits = model(torch.empty(PROBE_BATCH, 3, img_size, img_size))
+            logits = model(torch.empty_like(x))
             grads = torch.autograd.grad(logits.sum(), list(probes.values()), allow_unused=True)
     except Exception:  # (an op without a meta kernel, or one the scaling upsets): nothing is claimed
         return set()
@@ -490,15 +517,27 @@ def to_map(site: Site, out: Any) -> torch.Tensor:
     tokens = out[:, site.prefix_tokens:]
     if site.order is not None:
         tokens = tokens[:, _index(site.order, tokens.device)]
+    return tokens_on_grid(tokens, site.size[0], site.size[1], site.order is None, site.name)
+
+
+def tokens_on_grid(tokens: torch.Tensor, h: int, w: int, resizable: bool, name: str) -> torch.Tensor:
+    """Grid tokens ``[B, N, C]`` as a map ``[B, C, h, w]``: on the site's built grid, or on a square one for another
+    number of tokens (the model run at another image size) where the tokens are in raster order (``resizable``).
+
+    The grid depends on the number of tokens, so ``torch.fx`` keeps this function a leaf of its graphs (it is
+    ``torch.fx.wrap``-ped), and TorchScript compiles it: plain types, no ``math.isqrt``."""
     n = tokens.shape[1]
-    h, w = site.size
     if h * w != n:
-        side = math.isqrt(n)
-        if side * side != n or site.order is not None:
-            raise SiteError(f"site '{site.name}' has {n} patch tokens, which is not the {h}x{w} grid it was built "
+        side = int(math.sqrt(n) + 0.5)
+        if side * side != n or not resizable:
+            raise SiteError(f"site '{name}' has {n} patch tokens, which is not the {h}x{w} grid it was built "
                             f"for nor a square one: build the model for the image size you feed it")
-        h = w = side
+        h = side
+        w = side
     return tokens.transpose(1, 2).unflatten(2, (h, w))
+
+
+torch.fx.wrap("tokens_on_grid")
 
 
 def from_map(site: Site, m: torch.Tensor, out: Any) -> Any:

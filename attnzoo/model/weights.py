@@ -67,7 +67,8 @@ def build_backbone(backbone: str, num_classes: int, pretrained: bool, pretrained
 
     kwargs: dict[str, Any] = dict(num_classes=num_classes, **timm_kwargs)
     if pretrained_file is not None:
-        kwargs["pretrained_cfg_overlay"] = dict(state_dict=load_weights_file(Path(pretrained_file)))
+        kwargs["pretrained_cfg_overlay"] = {**(kwargs.get("pretrained_cfg_overlay") or {}),
+                                            "state_dict": load_weights_file(Path(pretrained_file))}
         pretrained = True
     why_offline = unreachable() if pretrained and pretrained_file is None else None  # seconds, not a minute
     try:

@@ -158,11 +158,12 @@ class RunConfig(_Strict):
     sites: list[str] = Field(default_factory=list)
     classes: list[str] = Field(min_length=1)
     img_size: int = Field(ge=MIN_IMG_SIZE, le=MAX_IMG_SIZE)
-    mean: list[Finite] = Field(min_length=3, max_length=3)
-    std: list[Positive] = Field(min_length=3, max_length=3)
+    mean: list[Finite] = Field(min_length=1, max_length=3)  # one value per image channel: 3 (RGB) or 1 (grey)
+    std: list[Positive] = Field(min_length=1, max_length=3)
     seed: int | None = None
     pretrained: bool | None = None
     weights: str | None = None
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict)  # timm keywords the backbone was built with
     threads: int | None = None  # torch's CPU threads when training started
     threads_per_epoch: list[int] = Field(default_factory=list)  # with --threads auto, as they followed the machine
     data: dict[str, Any] | None = None
@@ -205,6 +206,9 @@ def check_config(config: Any, where: str | os.PathLike = CONFIG) -> dict[str, An
     check_against(RunConfig, config, where)
     if len(set(config["classes"])) != len(config["classes"]):
         raise AttnzooError(f"{where}: classes: a class is named twice")
+    if len(config["mean"]) != len(config["std"]) or len(config["mean"]) not in (1, 3):
+        raise AttnzooError(f"{where}: mean and std: one value per image channel, 3 (RGB) or 1 (grey), got "
+                           f"{len(config['mean'])} and {len(config['std'])}")
     return config
 
 

@@ -33,6 +33,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import AttnzooError
+from ..train.settings import TIMM_KEYWORDS
 from .card import model_card
 from .folder import (
     CONFIG,
@@ -219,15 +220,16 @@ def read_hub_config(folder: Path, name: str | None = None) -> dict[str, Any]:
                            f"{HUB_FORMAT}): upgrade attnzoo")
     check_against(HubConfig, config, where)
     size = config["pretrained_cfg"]["input_size"]
-    if size[0] != 3 or size[1] != size[2]:
-        raise AttnzooError(f"{where}: pretrained_cfg.input_size: attnzoo reads square RGB inputs [3, S, S], "
-                           f"got {size}")
+    if size[0] not in (1, 3) or size[1] != size[2]:
+        raise AttnzooError(f"{where}: pretrained_cfg.input_size: attnzoo reads square RGB or grey inputs [3 or 1, S, "
+                           f"S], got {size}")
     if config["num_classes"] != len(config["label_names"]):
         raise AttnzooError(f"{where}: num_classes is {config['num_classes']} but label_names names "
                            f"{len(config['label_names'])}")
     a, pc = config["attnzoo"], config["pretrained_cfg"]
     record = dict(backbone=config["architecture"], attn=a["attn"], attn_options=a["attn_options"], sites=a["sites"],
                   classes=config["label_names"], img_size=size[-1], mean=pc["mean"], std=pc["std"], seed=a["seed"],
+                  timm_kwargs={k: v for k, v in config.get("model_args", {}).items() if k in TIMM_KEYWORDS},
                   pretrained=a["pretrained"], status="done", metrics={"final": a["metrics"]}, maps=a["maps"],
                   versions=a["versions"])
     return check_config(record, where)
@@ -241,7 +243,7 @@ def hub_config(record: Mapping[str, Any]) -> dict[str, Any]:
     from ..model.create import preprocessing_cfg
 
     num_features, model_args, kind = _timm_shape(record)
-    cfg = preprocessing_cfg(record["img_size"], record["mean"], record["std"], record["classes"])
+    cfg = preprocessing_cfg(record["img_size"], record["mean"], record["std"], record["classes"], len(record["mean"]))
     classes = cfg.pop("label_names")
     config: dict[str, Any] = dict(architecture=record["backbone"], num_classes=len(classes),
                                   num_features=num_features, label_names=classes,
@@ -267,12 +269,14 @@ def _timm_shape(record: Mapping[str, Any]) -> tuple[int, dict[str, Any], str | N
     from ..model.registry import get_attention
     from ..model.sites import introspect, timm_model
 
-    info = introspect(record["backbone"], record["img_size"])
+    extra = dict(record.get("timm_kwargs") or {})
+    info = introspect(record["backbone"], record["img_size"], extra)
     with torch.device("meta"):
-        num_features = int(timm_model(record["backbone"], pretrained=False, **dict(info.timm_kwargs)).num_features)
+        num_features = int(timm_model(record["backbone"], pretrained=False, **{**extra, **dict(info.timm_kwargs)}
+                                      ).num_features)
     attn = record.get("attn")
     kind = get_attention(attn).kind if attn not in (None, "none") else None
-    return num_features, dict(info.timm_kwargs), kind
+    return num_features, {**extra, **dict(info.timm_kwargs)}, kind
 
 
 def base_model(record: Mapping[str, Any]) -> str | None:

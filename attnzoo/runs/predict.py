@@ -66,12 +66,16 @@ class Run:
             raise AttnzooError(f"cannot read image {path}: {e}") from None
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> normalised [3, S, S] tensor, as in training (squash resize)."""
-        im = image.convert("RGB").resize((self.img_size, self.img_size), Image.Resampling.BILINEAR)
-        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
+        """PIL image -> normalised [C, S, S] tensor, as in training (squash resize; grey for one channel)."""
+        from ..train.data import as_channels
+
+        channels = len(self.mean)
+        im = as_channels(image.convert("RGB"), channels).resize((self.img_size, self.img_size),
+                                                                Image.Resampling.BILINEAR)
+        x = torch.from_numpy(np.asarray(im, dtype=np.float32).reshape(self.img_size, self.img_size, channels) / 255.0)
+        mean = torch.tensor(self.mean).view(channels, 1, 1)
+        std = torch.tensor(self.std).view(channels, 1, 1)
+        return (x.permute(2, 0, 1) - mean) / std
 
     @torch.no_grad()
     def predict(self, images: Sequence[Any], bs: int = 32) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -142,7 +146,7 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run
     try:
         model = create_model(config["backbone"], config.get("attn"), at=config.get("sites") or None,
                              num_classes=len(config["classes"]), img_size=config["img_size"],
-                             **config.get("attn_options", {}))
+                             attn_kwargs=config.get("attn_options") or {}, **config.get("timm_kwargs", {}))
     except AttnzooError as e:
         raise AttnzooError(f"{cfg_path}: {e}") from None
     except (TypeError, ValueError, RuntimeError) as e:

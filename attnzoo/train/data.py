@@ -162,15 +162,30 @@ class _LabelOf:
 
 
 class ImageOpener:
-    """fastai type transform: path -> ``PILImage`` through ``open_rgb`` (picklable for DataLoader workers)."""
+    """fastai type transform: path -> ``PILImage`` through ``open_rgb`` (picklable for DataLoader workers); with
+    one channel, the image in grey (``as_channels``)."""
 
-    def __init__(self, size: int | None = None) -> None:
-        self.size = size
+    def __init__(self, size: int | None = None, channels: int = 3) -> None:
+        self.size, self.channels = size, channels
 
     def __call__(self, path: Any) -> Any:
         from fastai.vision.core import PILImage
 
-        return PILImage.create(open_rgb(path, self.size))
+        return PILImage.create(as_channels(open_rgb(path, self.size), self.channels))
+
+
+def as_channels(image: Any, channels: int) -> Any:
+    """An RGB PIL image as the model reads it: unchanged for 3 channels, grey (ITU-R 601 luma) for 1."""
+    return image.convert("L") if channels == 1 else image
+
+
+def normalisation(pretrained_cfg: Any, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The backbone's mean and std for ``channels``: its own (RGB); for grey images, their average (the grey of
+    the mean colour, near enough: pretrained weights then see inputs of the scale they were trained on)."""
+    mean, std = tuple(pretrained_cfg.mean), tuple(pretrained_cfg.std)
+    if channels == 1:
+        return (sum(mean) / len(mean),), (sum(std) / len(std),)
+    return mean, std
 
 
 def check_image(path: Path) -> str | None:
@@ -460,7 +475,7 @@ def image_dataloaders(
                                      p_affine=0.5, p_lighting=0.5)
     batch_tfms.append(Normalize.from_stats(list(mean), list(std)))
     block = DataBlock(
-        blocks=(TransformBlock(type_tfms=ImageOpener(img_size), batch_tfms=IntToFloatTensor),
+        blocks=(TransformBlock(type_tfms=ImageOpener(img_size, len(mean)), batch_tfms=IntToFloatTensor),
                 CategoryBlock(vocab=info.classes)),
         get_items=lambda _: items,
         get_y=_LabelOf(info.labels),

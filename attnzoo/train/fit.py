@@ -182,7 +182,7 @@ def _prepare(settings: FitConfig, folder: RunFolder, resumed: dict[str, Any] | N
 
     from ..model.registry import get_attention, parse_options
     from ..model.sites import check_backbone, default_img_size, introspect, resolve_sites
-    from .data import find_dataset, image_dataloaders, resolve_data
+    from .data import find_dataset, image_dataloaders, normalisation, resolve_data
     from .learner import attention_learner, check_batch, suggest_lr
     from .threads import use_threads
 
@@ -207,15 +207,14 @@ def _prepare(settings: FitConfig, folder: RunFolder, resumed: dict[str, Any] | N
     if info.skipped and resumed is None and distributed.is_main():
         log.warning("skipped %d files that cannot be used; the list is in %s", len(info.skipped),
                     folder.file(SKIPPED))
-    cfg = timm.models.get_pretrained_cfg(s.backbone)
-    mean, std = tuple(cfg.mean), tuple(cfg.std)
+    mean, std = normalisation(timm.models.get_pretrained_cfg(s.backbone), s.in_chans or 3)
     dls = image_dataloaders(info, img_size=s.img_size, bs=bs, mean=mean, std=std, seed=s.seed,
                             num_workers=s.num_workers)
     learn = attention_learner(dls, s.backbone, s.attn, sites or None, pretrained=s.pretrained and s.weights is None
                               and resumed is None, pretrained_file=None if resumed else s.weights,
-                              compile=s.compile, **options)
+                              compile=s.compile, attn_kwargs=options, **s.timm_kwargs())
     learn.attnzoo["pretrained"] = bool(s.pretrained or s.weights)
-    check_batch(learn.model, bs, s.img_size)
+    check_batch(learn.model, bs, s.img_size, len(mean))
     learn.path = folder.path  # fastai's own scratch files (lr_find) go to the run folder, never the data folder
     learn.remove_cb(ProgressCallback)
     learn.logger = lambda *_: None
@@ -256,6 +255,7 @@ def _record(p: _Prepared, learn: Any) -> dict[str, Any]:
         backbone=s.backbone, attn=s.attn or "none", attn_options=s.attn_options, sites=learn.model.sites,
         classes=list(info.classes), img_size=s.img_size, mean=list(p.mean), std=list(p.std), seed=s.seed,
         pretrained=learn.attnzoo["pretrained"], weights=s.weights, threads=p.threads, data=info.to_dict(),
+        timm_kwargs=s.timm_kwargs(),
         skipped=[dict(path=path, reason=r) for path, r in info.skipped], warnings=info.warnings,
         request=s.request(),
     )

@@ -58,17 +58,21 @@ def attention_learner(
     mixed_precision: str | None = "auto",
     channels_last: bool | None = None,
     compile: bool = False,
-    **attn_kwargs: Any,
+    attn_kwargs: dict[str, Any] | None = None,
+    **timm_kwargs: Any,
 ) -> Learner:
     """A fastai ``Learner`` training ``backbone`` with ``attn`` at ``at``; every fastai habit still works.
 
+    ``attn_kwargs``: the attention's options; every other keyword reaches timm's ``create_model`` (``in_chans``,
+    ``drop_rate``, ``drop_path_rate``, ...), as with ``vision_learner``.
     ``mixed_precision``: ``"auto"`` (bf16 on a GPU that supports it, else fp16 on GPU, none on CPU),
     ``"bf16"``, ``"fp16"`` or ``None``. ``channels_last``: default on for GPUs. ``compile``: ``torch.compile``
     the model in place (``nn.Module.compile``: state-dict keys unchanged).
     With pretrained weights the body starts frozen (``learn.unfreeze()`` when you want it trained).
     """
     model = create_model(backbone, attn, at, num_classes=dls.c, pretrained=pretrained,
-                         pretrained_file=pretrained_file, img_size=_img_size(dls), **attn_kwargs)
+                         pretrained_file=pretrained_file, img_size=_img_size(dls), attn_kwargs=attn_kwargs,
+                         **timm_kwargs)
     if compile:
         import torch._dynamo as dynamo  # (a plain `import torch._dynamo` would make `torch` local here)
 
@@ -80,7 +84,7 @@ def attention_learner(
                     splitter=attention_splitter, cbs=cbs, metrics=metrics, wd=wd)
     learn.add_cb(FlushDenormals())
     learn.attnzoo = dict(backbone=backbone, attn=model.attn, sites=model.sites, pretrained=bool(
-        pretrained or pretrained_file), attn_options=attn_kwargs)
+        pretrained or pretrained_file), attn_options=dict(model.attn_options))
     if pretrained or pretrained_file:
         learn.freeze()
     on_gpu = getattr(dls, "device", None) is not None and torch.device(dls.device).type == "cuda"
@@ -97,7 +101,7 @@ def attention_learner(
     return learn
 
 
-def check_batch(model: AttentionModel, bs: int, img_size: int) -> None:
+def check_batch(model: AttentionModel, bs: int, img_size: int, channels: int = 3) -> None:
     """A training batch of ``bs`` images must train: batch norm needs more than one value per channel, which
     ``--bs 1`` does not give where a map is 1x1. Found with a forward on the meta device (no memory, no time),
     as one line before the run starts rather than a failure at its first batch."""
@@ -108,8 +112,8 @@ def check_batch(model: AttentionModel, bs: int, img_size: int) -> None:
     was_training = model.training
     model.train()
     try:
-        functional_call(model, params, (torch.empty(bs, 3, img_size, img_size, device="meta"),), strict=False,
-                        tie_weights=False)
+        functional_call(model, params, (torch.empty(bs, channels, img_size, img_size, device="meta"),),
+                        strict=False, tie_weights=False)
     except ValueError as e:
         if "Expected more than 1 value per channel" in str(e):
             raise AttnzooError(f"--bs {bs} cannot train at {img_size} px: a batch norm layer would see one value "

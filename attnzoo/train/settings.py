@@ -81,6 +81,11 @@ class FitConfig:
     valid_pct: float = setting(0.2, "Validation share when the folder has no valid/ split.")
     freeze_epochs: int = setting(1, "Epochs with the pretrained body frozen, before the rest.")
     seed: int = setting(0, "Random seed (data split, init, order), 0 to 2**32-1.")
+    in_chans: int | None = setting(None, "Image channels: 1 reads every image as grey (one-channel data: X-ray, "
+                                         "depth); 3 (default) as RGB. timm adapts a pretrained first conv.")
+    drop_rate: float | None = setting(None, "Dropout before the classifier (timm's drop_rate).", flag="--drop")
+    drop_path_rate: float | None = setting(None, "Stochastic depth (timm's drop_path_rate), for the backbones "
+                                                 "that have it.", flag="--drop-path")
     num_workers: int | None = setting(None, "DataLoader workers, at most the CPU count (default: 0 on CPU, up to 8 "
                                             "on GPU).", flag="--workers", on_resume=True)
     threads: int | str | None = setting(
@@ -118,6 +123,10 @@ class FitConfig:
         """The config of a run from its ``request`` (also of runs written before some settings existed)."""
         known = {f.name for f in fields(cls) if f.metadata["requested"]}
         return cls(**{**{k: v for k, v in request.items() if k in known}, **overrides})
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """The settings that are timm's ``create_model`` keywords, where set."""
+        return {k: getattr(self, k) for k in TIMM_KEYWORDS if getattr(self, k) is not None}
 
     def request(self) -> dict[str, Any]:
         """The settings as JSON-ready data, without where the run goes: what ``--resume`` reuses."""
@@ -168,6 +177,15 @@ class FitConfig:
                 raise AttnzooError(f"workers must be 0 or more, got {self.num_workers}")
             self._whole("num_workers", 0, cpus, "the CPUs this process may use", label="workers")
         set_("threads", check_threads(self.threads))
+        if self.in_chans is not None:
+            self._whole("in_chans", 1, 3)
+            if self.in_chans == 2:
+                raise AttnzooError("in_chans must be 1 (grey) or 3 (RGB): images have no 2-channel reading")
+        for name in ("drop_rate", "drop_path_rate"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, numbers.Real) or isinstance(value, bool)
+                                      or not 0 <= value < 1):
+                raise AttnzooError(f"{flag(name)} must be a number from 0 up to (not including) 1, got {value!r}")
         if not isinstance(self.valid_pct, numbers.Real) or not 0 < self.valid_pct < 1:
             raise AttnzooError(f"valid_pct must be between 0 and 1, got {self.valid_pct!r}")
         set_("valid_pct", float(self.valid_pct))
@@ -194,6 +212,7 @@ class FitConfig:
 
 
 REQUIRED = ("backbone", "attn", "data")  # of a new run
+TIMM_KEYWORDS = ("in_chans", "drop_rate", "drop_path_rate")
 
 
 @dataclass(frozen=True)

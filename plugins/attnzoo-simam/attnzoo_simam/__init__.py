@@ -69,7 +69,8 @@ class SimAM(nn.Module):
         d = (x - x.mean(dim=(2, 3), keepdim=True)).pow(2)
         var = d.sum(dim=(2, 3), keepdim=True) / n
         gate = torch.sigmoid(d / (4 * (var + self.e_lambda)) + 0.5)
-        # A zero-argument function, not the map: attnzoo calls it only when somebody looks at the maps,
-        # so training pays nothing. Never store tensors on the module for this.
-        report_map(self, lambda: gate.mean(1))
+        # The map is torch.mean(gate, 1): a function and the tensors it needs, not the map itself, so attnzoo
+        # computes it only when somebody looks at the maps and training pays nothing. No lambda: a lambda works
+        # too, but TorchScript cannot parse one. Never store tensors on the module for this.
+        report_map(self, torch.mean, gate, 1)
         return x * gate

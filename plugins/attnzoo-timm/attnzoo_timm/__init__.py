@@ -5,7 +5,7 @@ Each gate builds the timm layer for its site's channels and reports an attention
 - **spatial gate** (cbam, lcbam): the layer's own sigmoid spatial gate, in (0, 1), captured by a
   forward hook on the gate submodule.
 - **context attention** (gc, gca): the softmax over positions that pools the global context, times
-  ``h*w`` (1 = uniform), from a hook on the layer's ``conv_attn`` logits.
+  ``h*w`` (1 = uniform), recomputed from the layer's ``conv_attn`` logits when read.
 - **attended** (nl, bottleneck): how much attention each position receives, averaged over query
   positions (and heads), times ``h*w``; recomputed from the layer's own projections when read.
 - **lambda keys** (lambda): the softmax over positions of the content keys, averaged over key
@@ -19,6 +19,10 @@ splat, bottleneck and lambda replace convolutions inside timm's residual blocks 
 LambdaNet); as gates they are residual, ``y = x + gamma * layer(x)`` with ``gamma = 0`` at the start,
 so inserting one into a pretrained backbone changes nothing until it is trained. bottleneck has a
 relative position table of its map's size: it gets the site's ``feat_size`` and refuses other sizes.
+
+Every gate is traced by ``torch.fx``, and so scripts with its model (``torch.jit.script`` compiles the fx graph).
+That is why the context attention is recomputed when read rather than caught by a hook on ``conv_attn``: a
+``torch.nn`` layer stays a module of the graph, with its hooks, which TorchScript would have to compile.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from attnzoo import SiteError, register_attention, report_map
@@ -76,8 +81,8 @@ def _spatial_gate(out: torch.Tensor) -> torch.Tensor:
     return out[:, 0]
 
 
-def _context(out: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(out.flatten(1), 1).view(out.shape[0], *out.shape[-2:]) * (out.shape[-1] * out.shape[-2])
+def context_attention(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return _per_position(torch.softmax(layer.conv_attn(x).flatten(1), 1), x)
 
 
 @dataclass(frozen=True)
@@ -111,9 +116,9 @@ LAYERS = [
     Layer("ceca", "Circular ECA (timm): ECA whose 1-D conv wraps around the channel ends",
           "https://arxiv.org/abs/1910.03151", "effective gate", ECA_OPTIONS, read=effective_gate),
     Layer("gc", "Global Context (timm): softmax-pooled context, channel gate", "https://arxiv.org/abs/1904.11492",
-          "context attention", {"rd_ratio": 1 / 8}, hook=("conv_attn", _context)),
+          "context attention", {"rd_ratio": 1 / 8}, read=context_attention),
     Layer("gca", "Global Context, additive (timm): softmax-pooled context transformed and added everywhere",
-          "https://arxiv.org/abs/1904.11492", "context attention", {"rd_ratio": 1 / 8}, hook=("conv_attn", _context)),
+          "https://arxiv.org/abs/1904.11492", "context attention", {"rd_ratio": 1 / 8}, read=context_attention),
     Layer("cbam", "CBAM (timm): channel gate (avg+max pooled MLP), then spatial gate (conv on channel avg+max)",
           "https://arxiv.org/abs/1807.06521", "spatial gate", {"rd_ratio": 1 / 16, "spatial_kernel_size": 7},
           hook=("spatial.gate", _spatial_gate), min_positions=2),
@@ -161,7 +166,7 @@ class _ReportOutput:
         self.owner, self.to_map = owner, to_map
 
     def __call__(self, _module: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-        report_map(self.owner, lambda: self.to_map(out))
+        report_map(self.owner, self.to_map, out)
 
 
 class TimmGate(nn.Module):
@@ -199,7 +204,7 @@ class TimmGate(nn.Module):
             raise SiteError(f"timm-{self.layer_spec.name} does not work on a {h}x{w} map (use an earlier site)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.feat_size is not None and tuple(x.shape[-2:]) != self.feat_size:
+        if self.feat_size is not None and not isinstance(x, torch.fx.Proxy) and tuple(x.shape[-2:]) != self.feat_size:
             h, w = self.feat_size
             raise ValueError(f"timm-{self.layer_spec.name} was built for {h}x{w} maps, got "
                              f"{x.shape[-2]}x{x.shape[-1]}; build the model for the image size you feed it")
@@ -208,7 +213,7 @@ class TimmGate(nn.Module):
             y = x + self.gamma * y
         read = self.layer_spec.read
         if read is not None:
-            report_map(self, lambda: read(self.layer, x, y))
+            report_map(self, read, self.layer, x, y)
         return y
 
 
