@@ -365,3 +365,17 @@ def test_timm_keywords_out_of_range_are_one_line(capsys, tmp_path, option, value
     code, _, err = run_cli(capsys, "fit", "--backbone", "test_resnet", "--attn", "none", "--data", "demo",
                            option, value, "--out", str(tmp_path / "r"))
     assert one_line(code, err) and message in err
+
+
+class Double(torch.nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.double()
+
+
+def test_a_gate_returning_another_dtype_is_named_with_its_site_when_built():
+    attnzoo.register_attention("double-test", kind="gate", summary="returns float64")(Double)
+    with pytest.raises(attnzoo.SiteError, match="'double-test' at site 'layer3'.*torch.float64.*dtype torch.float32"):
+        attnzoo.create_model("test_resnet", "double-test", at="layer3", num_classes=3, img_size=32)

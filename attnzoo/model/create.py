@@ -159,9 +159,15 @@ class SiteModule(nn.Module):
 
 
 def _check_gate_output(where: str, x: torch.Tensor, y: Any) -> None:
+    """A gate hands the next layer what it was given: the input's shape, and its dtype (under autocast, any float
+    but double: autocast picks each op's precision itself)."""
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise SiteError(f"{where} returned {got}, but a gate must return its input's shape {tuple(x.shape)}")
+    autocast = torch.is_autocast_enabled(x.device.type) if x.device.type != "meta" else False
+    if y.dtype != x.dtype and (not autocast or not y.is_floating_point() or y.dtype == torch.float64):
+        raise SiteError(f"{where} returned {y.dtype}, but a gate must return its input's dtype {x.dtype} (the next "
+                        f"layer's weights are {x.dtype})")
 
 
 def _timm_keys(module: SiteModule, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
