@@ -28,6 +28,11 @@ class UnknownNameError(AttnzooError, KeyError):
         return self.args[0]
 
 
+class UnknownKeywordError(UnknownNameError, TypeError):
+    """A keyword argument nothing takes: a user's mistake (one line), and a ``TypeError`` to code that expects a
+    factory to raise one for an unknown argument, as timm's ``create_model`` does."""
+
+
 class SiteError(AttnzooError):
     """An attention module that cannot work at the site it was put at."""
 

@@ -16,6 +16,7 @@ convnet and a token model; ``pytest -m slow`` runs every test on all 18 models, 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from functools import cache
 from pathlib import Path
@@ -97,7 +98,9 @@ def run_timm_test(kind: str, model_name: str, flavour: str, request: pytest.Fixt
             return attnzoo.create_model(backbone, attn=attn, pretrained=pretrained, **kwargs)
 
         monkeypatch.setattr(module, "create_model", create_model)
-    fn(name, batch_size)
+    fixtures = {"cfg_device": module.cfg_device.__wrapped__()} if "cfg_device" in inspect.signature(fn).parameters \
+        else {}  # timm's own fixture, called as pytest would
+    fn(name, batch_size, **fixtures)
 
 
 @pytest.mark.parametrize("flavour", ["gate", "readout"])

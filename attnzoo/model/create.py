@@ -35,7 +35,7 @@ from timm.layers import is_notrace_module
 from timm.models._features import FeatureGetterNet
 from torch import nn
 
-from ..errors import AttnzooError, SiteError, UnknownNameError
+from ..errors import AttnzooError, SiteError, UnknownKeywordError
 from .maps import MapRecorder, as_spatial, fx_tracing
 from .registry import AttentionSpec, get_attention, parse_options, site_kwargs
 from .sites import (
@@ -337,11 +337,15 @@ class AttentionModel(nn.Module):
                 _check_pooled(self.attn, num_classes, global_pool)
                 self.backbone.reset_classifier(0, global_pool)
                 self.pooled = global_pool != ""
+            placed = next(self.readout.parameters(), None)
             reset = getattr(self.readout, "reset_classifier", None)
             if reset is not None:
                 reset(num_classes)
             else:
                 self.readout = self._rebuilt_readout(num_classes)
+            if placed is not None:  # a new classifier where the readout's tensors are (device, dtype), as timm's
+                self.readout.to(device=placed.device, dtype=placed.dtype)
+            self.readout.train(self.training)  # and in the model's mode
             self.capture_maps(True)
         self.num_classes = num_classes
         self.pretrained_cfg = {k: v for k, v in self.pretrained_cfg.items() if k != "label_names"}
@@ -557,7 +561,8 @@ def _keywords_of(backbone: str, spec: AttentionSpec | None, given: Mapping[str, 
         if found is None or found[1] not in given:
             raise
         what = f"keyword of timm's '{backbone}'" + (f" or option of attention '{spec.name}'" if spec else "")
-        raise UnknownNameError(what, found[1], _timm_keywords(backbone) | set(spec.options if spec else ())) from None
+        valid = _timm_keywords(backbone) | set(spec.options if spec else ())
+        raise UnknownKeywordError(what, found[1], valid) from None
 
 
 def create_model(
@@ -594,8 +599,10 @@ def create_model(
     options = parse_options(attn, attn_kwargs) if spec else {}
     if spec is not None and spec.kind == "readout":
         _check_pooled(spec.name, num_classes, timm_kwargs.get("global_pool"))
+    placement = {k: timm_kwargs[k] for k in ("device", "dtype") if timm_kwargs.get(k) is not None}
     with _keywords_of(backbone, spec, timm_kwargs):
-        info = introspect(backbone, img_size or default_img_size(backbone), timm_kwargs)
+        shape_kwargs = {k: v for k, v in timm_kwargs.items() if k not in ("device", "dtype")}
+        info = introspect(backbone, img_size or default_img_size(backbone), shape_kwargs)
         sites = resolve_sites(info, at, spec.kind) if spec else []
         model = build_backbone(backbone, num_classes, pretrained, pretrained_file,
                                **{**timm_kwargs, **dict(info.timm_kwargs)})
@@ -613,6 +620,8 @@ def create_model(
                              num_classes, **options)
     result = AttentionModel(model, info, spec, sites, modules, options, num_classes,
                             pooled=timm_kwargs.get("global_pool") != "")
+    if placement:  # timm's device= and dtype=: the attention modules where timm put the backbone
+        result.to(**placement)
     if pretrained or pretrained_file:
         new = [k for k in result.state_dict() if not k.startswith("backbone.")]
         log.info("pretrained weights loaded into '%s'; %d new tensors (attention, randomly initialised)%s",
