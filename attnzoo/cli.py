@@ -463,7 +463,7 @@ def compare(
 ) -> None:
     """Compare RUNS side by side: accuracy, loss, size, speed and localisation scores; writes a bar chart."""
     from .explain import figures
-    from .explain.compare import compare_figure, compare_runs
+    from .explain.compare import compare_figure, compare_runs, over_seeds
     from .runs.outputs import check_new_file
 
     if out is not None:
@@ -490,6 +490,9 @@ def compare(
                      [[r["run"], r["best_site"] or "-", num(r["pointing"]), num(r["energy"]), r["best_cam"] or "-",
                        num(r["cam_pointing"]), num(r["cam_energy"]), num(r["random_pointing"]),
                        "; ".join(f"{k}: {', '.join(v)}" for k, v in r["flagged"].items()) or "-"] for r in rows])
+    for board in over_seeds(runs)[0]:
+        _print_leaderboard(console, "over seeds: runs that differ only in their seed (each against none, paired by "
+                                    "seed; `attnzoo sweep` makes such runs)", board)
     console.print(f"[green]chart:[/] {written}")
 
 

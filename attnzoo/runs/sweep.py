@@ -324,6 +324,7 @@ def _study_names(storage: Any) -> list[str]:
 def prepare(asked: Asked) -> tuple[Place, Plan]:
     """The sweep's place and plan: joined, or continued (the same command again), or created, its grid enqueued
     by the one process that creates the study."""
+    _optuna()  # installed, before anything is written
     if asked.join is not None:
         return _join(asked)
     storage = open_storage(asked.storage) if asked.storage is not None else None  # a bad URL: before torch
