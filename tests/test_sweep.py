@@ -30,6 +30,14 @@ optuna = pytest.importorskip("optuna")
 
 TINY = ["--backbone", "test_resnet", "--no-pretrained", "--epochs", "1", "--bs", "8", "--img-size", "32",
         "--no-plots", "--threads", "1"]
+
+
+def epochs(args: list[str], n: int) -> list[str]:
+    """``args`` with ``--epochs n``."""
+    i = args.index("--epochs")
+    return [*args[:i + 1], str(n), *args[i + 2:]]
+
+
 TINY_API = dict(epochs=1, bs=8, img_size=32, pretrained=False, plots=False, threads=1)
 
 
@@ -189,8 +197,7 @@ def test_the_same_command_again_trains_nothing_and_another_command_is_refused(sw
                          "--seeds", "2", "--out", str(swept))
     assert code == 0 and len(study_trials(swept)) == 6
     assert {p: p.stat().st_mtime_ns for p in swept.glob("trials/*/model.safetensors")} == weights
-    two_epochs = [a if a != "1" else "2" for a in TINY]  # --epochs 2
-    code, _, err = run_cli(capsys, "sweep", *two_epochs, "--data", str(tiny_folder), "--attn",
+    code, _, err = run_cli(capsys, "sweep", *epochs(TINY, 2), "--data", str(tiny_folder), "--attn",
                            "sagan,softmask-sigmoid", "--seeds", "2", "--out", str(swept))
     assert code == 2 and "epochs=1" in err and "--join" in err and len(err.strip().splitlines()) == 1
     code, out, _ = run_cli(capsys, "sweep", "--join", str(swept), "--json")
@@ -290,3 +297,93 @@ def test_a_sweep_without_optuna_says_how_to_install_it(monkeypatch, tiny_folder,
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(AttnzooError, match=r"pip install 'attnzoo\[sweep\]'"):
         attnzoo.sweep("test_resnet", str(tiny_folder), "sagan", out=tmp_path / "s", **TINY_API)
+
+
+# --- processes (slow: each starts Python, torch and timm) ----------------------------------------------------
+
+def sweep_command(data: Path, out: Path, *more: str) -> list[str]:
+    return [sys.executable, "-m", "attnzoo", "sweep", *TINY, "--data", str(data), "--attn", "sagan", "--out",
+            str(out), *more]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def grid_ends_once(folder: Path, points: set[tuple[str, int]]) -> list:
+    """Every (configuration, seed) of the grid has exactly one complete trial and a finished run folder."""
+    trials = study_trials(folder)
+    complete = [(t.user_attrs["config"], t.user_attrs["seed"]) for t in trials if t.state.name == "COMPLETE"]
+    assert sorted(complete) == sorted(points)
+    assert sorted(records(folder)) == sorted(points)
+    assert all(r["status"] == "done" for r in records(folder).values())
+    return trials
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_mid_trial_is_continued_and_every_trial_ends_exactly_once(tiny_folder, tmp_path):
+    import time
+
+    folder = tmp_path / "s"
+    command = epochs(sweep_command(tiny_folder, folder, "--seeds", "2"), 3)
+    proc = subprocess.Popen(command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first, second = folder / "trials" / "none-seed0", folder / "trials" / "sagan@layer3-seed0"
+    deadline = time.monotonic() + 240
+    while not ((first / "model.safetensors").is_file() and (second / "checkpoints" / "last.safetensors").is_file()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be killed"
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL mid-trial: nothing is saved, the trial stays "running" in the study
+    proc.wait()
+    assert json.loads((second / "attnzoo.json").read_text())["status"] == "training"
+    finished = (first / "model.safetensors").stat().st_mtime_ns
+
+    done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = grid_ends_once(folder, {(c, s) for c in ("none", "sagan@layer3") for s in (0, 1)})
+    lost = [t for t in trials if t.state.name == "FAIL"]
+    assert len(lost) == 1 and "stopped" in lost[0].user_attrs["error"]  # found and given back, once
+    assert (first / "model.safetensors").stat().st_mtime_ns == finished  # never retrained
+    assert [r["epoch"] for r in records(folder)[("sagan@layer3", 0)]["metrics"]["per_epoch"]] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_journal_never_train_a_trial_twice(tiny_folder, tmp_path):
+    folder = tmp_path / "s"
+    command = sweep_command(tiny_folder, folder, "--seeds", "3")
+    procs = [subprocess.Popen(command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    trials = grid_ends_once(folder, {(c, s) for c in ("none", "sagan@layer3") for s in (0, 1, 2)})
+    assert len(trials) == 6  # the grid was enqueued once, and no trial was made outside it
+    assert {t.user_attrs["worker"]["pid"] for t in trials} <= {p.pid for p in procs}
+    assert len(list((folder / "trials").iterdir())) == 6
+    assert all(len(r["metrics"]["per_epoch"]) == 1 for r in records(folder).values())
+
+
+@pytest.mark.slow
+def test_jobs_share_the_queue_each_on_its_share_of_the_cores(tiny_folder, tmp_path):
+    from attnzoo.train.threads import cpu_budget
+
+    if cpu_budget() < 2:
+        pytest.skip("needs 2 cores")
+    board = attnzoo.sweep("test_resnet", str(tiny_folder), "sagan", seeds=2, jobs=2, out=tmp_path / "s",
+                          **{**TINY_API, "threads": None})
+    assert board.counts()["complete"] == 4
+    threads = {r["threads"] for r in records(tmp_path / "s").values()}
+    assert threads == {cpu_budget() // 2}
+
+
+@pytest.mark.slow
+def test_a_sampled_learning_rate_with_pruning_makes_no_paired_verdict(tiny_folder, tmp_path):
+    board = attnzoo.sweep("test_resnet", str(tiny_folder), "sagan", seeds=3, lr="1e-3..1e-1", prune=True,
+                          out=tmp_path / "s", **{**TINY_API, "epochs": 2})
+    trials = study_trials(tmp_path / "s")
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    assert all(1e-3 <= t.params["lr"] <= 1e-1 for t in trials)
+    for (_, _), r in records(tmp_path / "s").items():
+        assert r["request"]["lr"] in [t.params["lr"] for t in trials]
+        assert r["status"] == "done" or "pruned after epoch" in r["error"]
+    assert all(row.verdict in ("", "baseline") and row.pairs == 0 for row in board.rows)
+    assert not json.loads((tmp_path / "s" / "leaderboard.json").read_text())["paired"]
