@@ -51,7 +51,7 @@ BASELINE = "none"
 REDEFINED = ("backbone", "attn", "data", "at", "seed", "out", "resume", "lr")
 PER_PROCESS = ("threads", "num_workers")  # may differ between the processes of one sweep
 MAX_SEEDS = 1000
-MAX_JOBS_WAIT = 60.0  # seconds a joining process waits for the creator to enqueue the grid
+PLAN_WAIT = 60.0  # seconds a process waits for the one that created the study to enqueue the grid
 HEARTBEAT = (60, 180)  # seconds between a PostgreSQL/MySQL trial's heartbeats, and before a silent one is stale
 
 
@@ -124,7 +124,7 @@ class Asked:
     modules: list[str]
     at: list[list[str]] | str | None
     plan: Plan  # its configs are resolved later, against the backbone's sites
-    out: Path
+    out: Path | None  # None: with --join, the sweep's own folder
     storage: str | None
     study: str | None
     join: str | None
@@ -151,8 +151,7 @@ def parse_lr(lr: Any) -> float | str | tuple[float, float]:
         if not (0 < low < high <= MAX_LR):
             raise AttnzooError(f"--lr range {low:g}..{high:g}: need 0 < LOW < HIGH <= {MAX_LR:g}")
         return (low, high)
-    return FitConfig(backbone="-", attn=BASELINE, data="-", lr=lr if lr is not None else DEFAULTS["lr"],
-                     runs_dir=".").lr
+    return lr if lr is not None else DEFAULTS["lr"]  # checked with the other fit settings
 
 
 def _whole(value: Any, name: str, low: int, high: int) -> int:
@@ -192,8 +191,8 @@ def check(backbone: str | None = None, data: str | None = None, attn: str | Sequ
         if given:
             raise AttnzooError(f"--join continues a sweep with its own plan; leave out "
                                f"{', '.join('--' + g.replace('_', '-') for g in given)}")
-        return Asked([], None, Plan("", "", [], [], 0.0, False, {}), Path(out) if out else Path(), None, study,
-                     join, jobs, per_process)
+        return Asked([], None, Plan("", "", [], [], 0.0, False, {}), None if out is None else Path(out), None,
+                     study, join, jobs, per_process)
     missing = [f"--{n}" for n, v in (("backbone", backbone), ("data", data), ("attn", attn)) if not v]
     if missing:
         raise AttnzooError(f"sweep needs {', '.join(missing)} (or --join DIR|URL)")
@@ -207,7 +206,7 @@ def check(backbone: str | None = None, data: str | None = None, attn: str | Sequ
         raise AttnzooError(f"--data {data}: no such folder")
     data = data if data == "demo" else os.path.abspath(data)
     out = Path(out) if out is not None else Path(DEFAULTS["runs_dir"]) / f"sweep-{backbone}-{Path(data).name}"
-    _check_out(out, storage)
+    _check_out(out)
     at_sets: list[list[str]] | str | None = "auto" if _split(at) == ["auto"] else (
         [_split(s) for s in ([at] if isinstance(at, str) else at)] if at else None)
     options = dict(settings.pop("attn_options", None) or {})  # for every module of the list
@@ -216,18 +215,19 @@ def check(backbone: str | None = None, data: str | None = None, attn: str | Sequ
                           out=str(out / TRIALS / "check"), **settings, **per_process)
     request = config.request()
     resolved = {k: request[k] for k in settings_names() if k in request and k not in PER_PROCESS}
+    lr = lr if isinstance(lr, tuple) else config.lr
     plan = Plan(backbone, data, [], list(range(n_seeds)), lr, bool(prune), {**resolved, "attn_options": options})
     return Asked(modules, at_sets, plan, out, storage, study, None, jobs, per_process)
 
 
-def _check_out(out: Path, storage: str | None) -> None:
+def _check_out(out: Path) -> None:
     """The sweep folder is new, empty, or a sweep folder (to continue): never a folder holding other files."""
     if out.exists() and not out.is_dir():
         raise AttnzooError(f"--out {out} is a file, not a folder")
     if out.is_dir():
-        names = {p.name for p in out.iterdir()}
+        names = {p.name for p in out.iterdir() if not p.name.startswith(JOURNAL + ".")}  # the journal's lock files
         ours = {JOURNAL, TRIALS, LEADERBOARD_CSV, LEADERBOARD_JSON, LEADERBOARD_PNG, LEADERBOARD_HTML}
-        if names and not names & {JOURNAL, TRIALS} or names - ours - {f"{JOURNAL}.lock"}:
+        if names and not names & {JOURNAL, TRIALS} or names - ours:
             raise AttnzooError(f"--out {out} already holds files that are not a sweep's; attnzoo writes a sweep into "
                                f"a new or empty folder, or continues the sweep in one")
 
@@ -327,13 +327,14 @@ def prepare(asked: Asked) -> tuple[Place, Plan]:
     _optuna()  # installed, before anything is written
     if asked.join is not None:
         return _join(asked)
+    out = asked.out or Path()
     storage = open_storage(asked.storage) if asked.storage is not None else None  # a bad URL: before torch
     plan = replace(asked.plan, configs=resolve_configs(asked))
-    where = asked.storage or str(asked.out / JOURNAL)
+    where = asked.storage or str(out / JOURNAL)
     if storage is None:
-        asked.out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         storage = open_storage(where)
-    place = Place(where, asked.study or asked.out.name, asked.out.absolute())
+    place = Place(where, asked.study or out.name, out.absolute())
     optuna = _optuna()
     try:
         study = optuna.create_study(storage=storage, study_name=place.study, direction="maximize")
@@ -364,14 +365,14 @@ def _join(asked: Asked) -> tuple[Place, Plan]:
     name = asked.study or names[0]
     study = _optuna().load_study(study_name=name, storage=storage)
     default = Path(join) if "://" not in join and Path(join).is_dir() else Path(study.user_attrs.get("folder", "."))
-    folder = asked.out if asked.out != Path() else default
+    folder = asked.out if asked.out is not None else default
     return Place(where, name, folder.absolute()), Plan.from_json(study.user_attrs[PLAN])
 
 
 def _wait_for_plan(storage: Any, name: str) -> Plan:
     """The plan of a study another process created: it records it once its grid is enqueued."""
     optuna = _optuna()
-    deadline = time.monotonic() + MAX_JOBS_WAIT
+    deadline = time.monotonic() + PLAN_WAIT
     while True:
         attrs = optuna.load_study(study_name=name, storage=storage).user_attrs
         if PLAN in attrs:
@@ -693,34 +694,41 @@ def work(place: Place, per_process: Mapping[str, Any]) -> None:
 def run_jobs(place: Place, jobs: int, per_process: Mapping[str, Any],
              on_trial: Callable[[TrialEvent], None] | None = None) -> None:
     """``jobs`` worker processes on the sweep's storage, each on its share of the cores; this one reports the
-    trials as they end and waits for the workers (Ctrl-C reaches them too: each stops after its batch)."""
+    trials as they end and waits for the workers. Ctrl-C reaches them too (each stops after its batch and gives its
+    trial back); a SIGTERM to this process is passed on to them."""
     import multiprocessing
     import signal
 
     context = multiprocessing.get_context("spawn")  # not fork: torch's threads do not survive a fork
     procs = [context.Process(target=work, args=(place, dict(per_process)), name=f"attnzoo-sweep-{i + 1}")
              for i in range(jobs)]
-    forward = signal.getsignal(signal.SIGTERM)
-    with contextlib.suppress(ValueError):  # not the main thread: leave SIGTERM alone
-        signal.signal(signal.SIGTERM, lambda *_: [os.kill(p.pid, signal.SIGTERM) for p in procs if p.is_alive()])
+    terminated: list[int] = []
+
+    def pass_on(signum: int, _frame: Any) -> None:
+        terminated.append(signum)
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with contextlib.suppress(ValueError):  # not the main thread: SIGTERM stays as it is
+        signal.signal(signal.SIGTERM, pass_on)
     try:
         for p in procs:
             p.start()
-        reported: set[int] = set()
-        storage = place.open()
-        study = _optuna().load_study(study_name=place.study, storage=storage)
-        plan = Plan.from_json(study.user_attrs[PLAN])
-        while True:
-            alive = any(p.is_alive() for p in procs)
+        study = _optuna().load_study(study_name=place.study, storage=place.open())
+        plan, reported = Plan.from_json(study.user_attrs[PLAN]), set()
+        while any(p.is_alive() for p in procs):
             _report_new(study, plan, reported, on_trial)
-            if not alive:
-                break
             time.sleep(1.0)
+        _report_new(study, plan, reported, on_trial)
     finally:
         for p in procs:
             p.join()
         with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGTERM, forward)
+            signal.signal(signal.SIGTERM, previous)
+    if terminated:
+        raise Interrupted("SIGTERM", terminated[0], place.folder)
     failed = [p.exitcode for p in procs if p.exitcode not in (0, 130)]
     if failed:
         raise TrainingFailed(f"{len(failed)} of {jobs} sweep workers failed (see their lines above)")
