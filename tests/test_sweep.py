@@ -18,6 +18,7 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 from test_cli import run_cli
+from test_interpret import make_boxed_folder
 from torch import nn
 
 import attnzoo
@@ -281,16 +282,21 @@ def test_a_trial_left_running_by_a_process_that_is_gone_goes_back_into_the_queue
     assert states == ["FAIL", "COMPLETE", "COMPLETE"]  # the lost trial failed, its retry completed
 
 
-def test_nothing_is_written_outside_the_sweep_folder(tiny_folder, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    before = set(Path(tiny_folder).rglob("*"))
-    board = attnzoo.sweep("test_resnet", str(tiny_folder), "sagan", seeds=1, **TINY_API)
-    assert board.folder == (tmp_path / "runs" / f"sweep-test_resnet-{Path(tiny_folder).name}").absolute()
-    assert [p.name for p in tmp_path.iterdir()] == ["runs"]
-    assert [p.name for p in (tmp_path / "runs").iterdir()] == [board.folder.name]
-    assert set(Path(tiny_folder).rglob("*")) == before
+def test_nothing_is_written_outside_the_sweep_folder_and_boxes_give_the_pointing_game(tmp_path, monkeypatch):
+    data = make_boxed_folder(tmp_path / "data", {"train": 8, "valid": 4}, size=(32, 32))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    before = {p: p.stat().st_mtime_ns for p in data.rglob("*")}
+    board = attnzoo.sweep("test_resnet", str(data), "sagan", seeds=1, **TINY_API)
+    assert board.folder == (tmp_path / "cwd" / "runs" / "sweep-test_resnet-data").absolute()
+    assert [p.name for p in (tmp_path / "cwd").iterdir()] == ["runs"]
+    assert [p.name for p in (tmp_path / "cwd" / "runs").iterdir()] == [board.folder.name]
+    assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == before
     assert all(is_run_folder(p) for p in (board.folder / "trials").iterdir())
-    assert RunFolder.open(board.folder / "trials" / "sagan@layer3-seed0").record["status"] == "done"
+    record = RunFolder.open(board.folder / "trials" / "sagan@layer3-seed0").record
+    row = next(r for r in board.rows if r.config == "sagan@layer3")
+    assert record["status"] == "done" and row.map == "layer3"
+    assert row.pointing == pytest.approx(record["maps"]["layer3"]["pointing"])  # fit's, from boxes.csv
 
 
 def test_a_sweep_without_optuna_says_how_to_install_it(monkeypatch, tiny_folder, tmp_path):
@@ -387,3 +393,14 @@ def test_a_sampled_learning_rate_with_pruning_makes_no_paired_verdict(tiny_folde
         assert r["status"] == "done" or "pruned after epoch" in r["error"]
     assert all(row.verdict in ("", "baseline") and row.pairs == 0 for row in board.rows)
     assert not json.loads((tmp_path / "s" / "leaderboard.json").read_text())["paired"]
+
+
+def test_auto_site_sets_are_the_defaults_one_level_shallower_and_one_deeper(tiny_folder):
+    from attnzoo.runs.sweep import check, resolve_configs
+
+    asked = check("test_resnet", str(tiny_folder), "sagan,lpa-pc", at="auto", img_size=32, out="unused")
+    assert [c.name for c in resolve_configs(asked)] == [
+        "none", "sagan@layer3", "sagan@layer2", "sagan@layer4",
+        "lpa-pc@layer1+layer2+layer3", "lpa-pc@layer1+layer2", "lpa-pc@layer2+layer3+layer4"]  # no level 0: the stem
+    asked = check("test_resnet", str(tiny_folder), "sagan", at=["layer2", "layer3,layer4"], img_size=32, out="unused")
+    assert [c.sites for c in resolve_configs(asked)] == [(), ("layer2",), ("layer3", "layer4")]

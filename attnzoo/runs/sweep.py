@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import AttnzooError, Interrupted, TrainingFailed
+from ..errors import AttnzooError, Interrupted, TrainingFailed, UnknownNameError
 from ..train.settings import DEFAULTS, MAX_LR, FitConfig, cli_settings
 
 JOURNAL = "study.journal"
@@ -357,8 +357,6 @@ def _join(asked: Asked) -> tuple[Place, Plan]:
     storage = open_storage(where, must_exist="://" not in where)
     names = _study_names(storage)
     if asked.study is not None and asked.study not in names:
-        from ..errors import UnknownNameError
-
         raise UnknownNameError(f"sweep in {join}", asked.study, names, show_all=True)
     if asked.study is None and len(names) != 1:
         raise AttnzooError(f"{join} holds {len(names)} sweeps ({', '.join(names) or 'none'}): name one with --study")
@@ -441,9 +439,10 @@ def _auto_sets(info: Any, kind: str) -> list[list[str]]:
     by_level = {v: k for k, v in level.items()}
 
     def moved(step: int) -> list[str]:
-        shifted = [by_level.get(level.get(n, -9) + step) for n in defaults]
-        if all(shifted):
-            return [s for s in shifted if s]
+        if all(n in level for n in defaults):
+            shifted = [by_level.get(level[n] + step) for n in defaults]
+            if all(shifted):
+                return [s for s in shifted if s]
         return defaults[:-1] if step < 0 else defaults[1:]
 
     out = []
