@@ -507,10 +507,14 @@ class Worker:
                                        sampler=optuna.samplers.TPESampler() if self.plan.sampled else None)
 
     def loop(self, on_trial: Callable[[TrialEvent], None] | None = None) -> None:
+        """Trials until none is waiting, after giving back those of processes that are gone (when this one
+        starts, and again before it stops: a process that died meanwhile leaves no trial behind)."""
         self.recover()
         while True:
             started = time.perf_counter()
             taken = self.take()
+            if taken is None and self.recover():
+                taken = self.take()
             if taken is None:
                 return
             event = self.run(*taken, started)
@@ -548,9 +552,10 @@ class Worker:
         self.study.enqueue_trial(_point(frozen), user_attrs={**_grid_attrs(frozen), "retry_of": number})
         return True
 
-    def recover(self) -> None:
+    def recover(self) -> bool:
         """Trials left running by a process that is gone go back into the queue: on this host, a process that no
-        longer runs; on an RDB storage, any process whose heartbeat stopped (``fail_stale_trials``)."""
+        longer runs; on an RDB storage, any process whose heartbeat stopped (``fail_stale_trials``). Whether
+        any did."""
         optuna = _optuna()
         from .folder import process_alive
 
@@ -560,10 +565,12 @@ class Worker:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(self.study)
+        given = False
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             owner = t.user_attrs.get("worker") or {}
             if owner.get("host") == socket.gethostname() and not process_alive(owner["pid"], owner.get("started")):
-                self.give_back(t.number, f"its process (pid {owner['pid']}) stopped")
+                given = self.give_back(t.number, f"its process (pid {owner['pid']}) stopped") or given
+        return given or bool(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
 
     def run(self, trial: Any, trial_id: int, started: float) -> TrialEvent:
         """Train one trial into its run folder and tell the study how it ended."""
