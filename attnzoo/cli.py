@@ -220,7 +220,7 @@ def sweep(
     _print_leaderboard(_console(), f"leaderboard of {board.folder} ({_counts(board.counts())})", board.rows)
     for row in board.rows:
         for reason in row.errors:
-            err.print(f"[yellow]{escape(row.config)} failed:[/] {escape(reason)}", soft_wrap=True)
+            err.print(f"[yellow]{escape(row.config)}:[/] {escape(reason)}", soft_wrap=True)
     err.print(f"[green]leaderboard:[/] {escape(str(board.files.get('html', board.folder)))}", soft_wrap=True)
     err.print(f"watch it: optuna-dashboard {escape(board.place.shown())}", soft_wrap=True)
 
