@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,14 +12,6 @@ from ..runs.folder import WEIGHTS, RunFolder, parameter_count
 from .charts import bar_figure
 from .report import best_map, score_table, time_per_epoch
 from .stats import Row, config_name, decisive_map, leaderboard
-
-
-def param_count(weights: str | Path) -> int:
-    """Parameters in a safetensors file, from its header alone (normalisation running statistics excluded)."""
-    with open(weights, "rb") as f:
-        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-    skip = ("running_mean", "running_var", "num_batches_tracked")
-    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__" and not k.endswith(skip))
 
 
 def run_result(path: str | Path) -> dict[str, Any]:
@@ -85,7 +76,7 @@ def compare_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         out.append(dict(
             run=p.name, path=str(p), backbone=cfg.get("backbone"), attn=cfg.get("attn"), sites=cfg.get("sites") or [],
             accuracy=final.get("accuracy", nan), valid_loss=final.get("valid_loss", nan),
-            params=param_count(p / WEIGHTS) if (p / WEIGHTS).is_file() else None,
+            params=parameter_count(p / WEIGHTS) if (p / WEIGHTS).is_file() else None,
             time_per_epoch=time_per_epoch(cfg), epochs=len((cfg.get("metrics") or {}).get("per_epoch") or []),
             best_site=best[0] if best else None,
             pointing=best[1]["pointing"] if best else nan, energy=best[1]["energy"] if best else nan,
