@@ -9,7 +9,7 @@ The package, by concept (each subpackage's docstring lists its modules):
     attnzoo/explain/    CAMs, metrics, boxes, trust, figures, charts, report, interpret, show_attention,
                         compare
     attnzoo/runs/       the run folder, outputs (atomic, no clobber), predict (load_run), export, hub (the Hub
-                        face, hf-hub:/local-dir: names), card (the model card), push
+                        face, hf-hub:/local-dir: names), card (the model card), push, sweep
     attnzoo/cli.py      the commands, each a thin layer over the function of the module named after it
     attnzoo/doctor.py   the environment checks
 
@@ -50,6 +50,7 @@ _LAZY = {
     "load_run": "runs.predict",
     "Run": "runs.predict",
     "export": "runs.export",
+    "sweep": "runs.sweep",
 }
 
 # Modules of attnzoo 0.1's flat layout, and where their names live now. ``import attnzoo.trust`` still works, with a

@@ -212,16 +212,104 @@ def fit(ctx: typer.Context, **options: Any) -> None:
 
 
 def _command_with_settings(function: Any, settings: Any = None, **typer_kwargs: Any) -> None:
-    """Register ``function(ctx, **options)`` as a command whose options are the fit settings (``settings``: the
-    names to take, default all)."""
+    """Register ``function(ctx, ..., **options)`` as a command whose options are its own parameters, then the fit
+    settings (``settings``: the names to take, default all)."""
     import inspect
 
-    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
-    function.__signature__ = inspect.Signature([context, *_settings_options(settings)])
+    own = [p for p in inspect.signature(function, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    function.__signature__ = inspect.Signature([*own, *_settings_options(settings)])
     app.command(**typer_kwargs)(function)
 
 
 _command_with_settings(fit)
+
+
+def sweep(
+    ctx: typer.Context,
+    backbone: Annotated[str | None, typer.Option(help="Any timm model name. Required unless --join.")] = None,
+    data: Annotated[str | None, typer.Option(help="Image folder (as for fit), or 'demo'. Required unless --join.")]
+    = None,
+    attn: Annotated[str | None, typer.Option(help="Attention modules to try, a comma list (`attnzoo list`); the "
+                                                  "baseline 'none' is always trained too. Required unless --join.")]
+    = None,
+    at: Annotated[list[str] | None, typer.Option(help="A site set for every module: sites joined by commas; "
+                                                      "repeat for several sets. 'auto': each module's default "
+                                                      "sites, one level shallower and one deeper. Default: each "
+                                                      "module's default sites.")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per configuration (0 to N-1).")] = 3,
+    lr: Annotated[str | None, typer.Option(help="Learning rate, 'auto', or a range LOW..HIGH that each trial "
+                                                "samples on a log scale (then no verdict: the runs differ in more "
+                                                "than the seed). Default: fit's.")] = None,
+    prune: Annotated[bool, typer.Option("--prune", help="Stop hopeless trials after an epoch (Optuna's median "
+                                                        "pruner); only with --lr LOW..HIGH.")] = False,
+    jobs: Annotated[int, typer.Option(help="Worker processes on this machine, the cores split between them.")] = 1,
+    out: Annotated[Path | None, typer.Option(help="The sweep folder (default runs/sweep-<backbone>-<data>): the "
+                                                  "study's journal, one run folder per trial, the leaderboard. The "
+                                                  "same command continues it.")] = None,
+    storage: Annotated[str | None, typer.Option(help="The Optuna storage: an RDB URL (sqlite:///sweep.db, "
+                                                     "postgresql://...) or a journal file on a shared disk "
+                                                     "(default: a journal in the sweep folder).")] = None,
+    study: Annotated[str | None, typer.Option(help="The study's name (default: the sweep folder's).")] = None,
+    join: Annotated[str | None, typer.Option(help="Work on an existing sweep (a sweep folder or a storage), "
+                                                  "with its own plan.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the leaderboard as JSON.")] = False,
+    **options: Any,
+) -> None:
+    """Train every module of ATTN at each site set, and the baseline, once per seed (an Optuna study), and rank
+    them: mean ± std over seeds, the difference from 'none' paired by seed with its 95% interval and verdict."""
+    from rich.markup import escape
+
+    from .runs.sweep import sweep as run_sweep
+    from .train.settings import from_cli
+
+    typed = _typed(ctx)
+    own = ("backbone", "data", "attn", "at", "seeds", "lr", "jobs", "out", "storage", "study", "join")
+    given = {k: typed[k] for k in own if k in typed}
+    settings = from_cli({k: v for k, v in typed.items() if k not in own})
+    if prune:
+        given["prune"] = True
+    if join is None:
+        settings.setdefault("threads", options["threads"])  # 'auto' unless typed, as for fit
+    err = _console(stderr=True)
+
+    def on_trial(e: Any) -> None:
+        how = (f"accuracy {e.accuracy:.4f}" if e.state == "complete" else f"[red]{e.state}[/]: {escape(e.error or '')}")
+        err.print(f"trial {e.done}/{e.total} [bold]{escape(e.config)}[/] seed {e.seed}: {how} "
+                  f"({e.fit_seconds:.1f} s)", soft_wrap=True)
+
+    board = run_sweep(**given, **settings, console=err, on_trial=on_trial)
+    if as_json:
+        _emit_json(board.to_dict())
+        return
+    _print_leaderboard(_console(), f"leaderboard of {board.folder} ({_counts(board.counts())})", board.rows)
+    for row in board.rows:
+        for reason in row.errors:
+            err.print(f"[yellow]{escape(row.config)}:[/] {escape(reason)}", soft_wrap=True)
+    err.print(f"[green]leaderboard:[/] {escape(str(board.files.get('html', board.folder)))}", soft_wrap=True)
+    err.print(f"watch it: optuna-dashboard {escape(board.place.shown())}", soft_wrap=True)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no trials"
+
+
+def _print_leaderboard(console: Any, title: str, rows: list[Any]) -> None:
+    """A leaderboard (``explain.stats``) as a table: the sweep's, and compare's over seeds."""
+    from rich.markup import escape
+
+    from .explain.stats import ROW_HEADERS, row_cells
+
+    _print_table(console, title, ROW_HEADERS, [[escape(c) for c in row_cells(r)] for r in rows],
+                 whole=("verdict",))
+
+
+def _sweep_settings() -> list[str]:
+    from .runs.sweep import settings_names
+
+    return settings_names()
+
+
+_command_with_settings(sweep, _sweep_settings())
 
 
 def _predict(images: list[Path], run: str | None, top: int, threads: str) -> tuple[Any, list, dict]:
@@ -440,6 +528,7 @@ def compare(
 ) -> None:
     """Compare RUNS side by side: accuracy, loss, size, speed and localisation scores; writes a bar chart."""
     from .explain.compare import compare as compare_runs
+    from .explain.compare import over_seeds
 
     rows, written = compare_runs(runs, out)
     if as_json:
@@ -462,6 +551,9 @@ def compare(
                      [[r["run"], r["best_site"] or "-", num(r["pointing"]), num(r["energy"]), r["best_cam"] or "-",
                        num(r["cam_pointing"]), num(r["cam_energy"]), num(r["random_pointing"]),
                        "; ".join(f"{k}: {', '.join(v)}" for k, v in r["flagged"].items()) or "-"] for r in rows])
+    for board in over_seeds(runs)[0]:
+        _print_leaderboard(console, "over seeds: runs that differ only in their seed (each against none, paired by "
+                                    "seed; `attnzoo sweep` makes such runs)", board)
     console.print(f"[green]chart:[/] {written}")
 
 

@@ -4,7 +4,9 @@
 - ``metrics``: localisation and faithfulness scores (numpy and torch only); ``boxes``: ``boxes.csv``;
 - ``trust``: each map's share of the decision;
 - ``figures``: images with their attention maps; ``charts``: plots of numbers;
-- ``report``: the score table and ``report.html``;
+- ``report``: the score table and ``report.html``; ``page``: the pieces of attnzoo's HTML pages;
+- ``stats``: statistics over seeds (mean ± std, the paired interval against the baseline, its verdict, the Pareto
+  front), for a sweep's leaderboard and ``compare``;
 - ``interpret``, ``show_attention``, ``compare``: what the commands of those names do.
 """
 

@@ -126,3 +126,54 @@ def localization_figure(localization: Mapping[str, Any]) -> Any:
     return bar_figure(list(scores), {m: [v[m] for v in scores.values()] for m in ("pointing", "energy")},
                       f"does the map find the object? ({localization['images']} images)", "score",
                       {"chance": chance} if chance is not None else None)
+
+
+# --------------------------------------------------------------------------- a sweep's leaderboard
+
+VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "no evidence": "tab:grey", "baseline": "black"}
+
+
+def leaderboard_figure(rows: Sequence[Any], paired: bool = True) -> Any:
+    """Left: each configuration's accuracy against the baseline, paired by seed, with its 95% interval (the
+    verdict's picture; without pairs, the mean accuracy ± std over seeds). Right: mean accuracy against
+    parameters, the Pareto front drawn through its configurations."""
+    height = max(3.4, 1.3 + 0.32 * len(rows))
+    fig = figures.new_figure(11.0, height)
+    left = fig.add_axes((0.24, 0.75 / height, 0.33, 1 - 1.2 / height))
+    ys = np.arange(len(rows))[::-1]
+    names = [("★ " if r.pareto else "") + r.config for r in rows]
+    for y, r in zip(ys, rows):
+        colour = VERDICT_COLOURS.get(r.verdict, "tab:blue")
+        if paired:
+            if not np.isnan(r.difference):
+                err = None if np.isnan(r.low) else [[r.difference - r.low], [r.high - r.difference]]
+                left.errorbar(r.difference, y, xerr=err, fmt="o", color=colour, capsize=3, ms=5)
+        elif not np.isnan(r.accuracy):
+            left.errorbar(r.accuracy, y, xerr=None if np.isnan(r.accuracy_std) else r.accuracy_std, fmt="o",
+                          color="tab:blue", capsize=3, ms=5)
+    if paired:
+        left.axvline(0, color="black", lw=1)
+        left.set_xlabel("accuracy minus none's, paired by seed (95% interval)")
+    else:
+        left.set_xlabel("validation accuracy, mean ± std over trials")
+    left.set_yticks(ys, names, fontsize=8)
+    left.set_ylim(-0.7, len(rows) - 0.3)
+    left.grid(axis="x", alpha=0.3)
+    left.set_title("is the difference real?" if paired else "accuracy", fontsize=11, fontweight="bold")
+    right = fig.add_axes((0.66, left.get_position().y0, 0.32, left.get_position().height))
+    pts = [(r.params, r.accuracy, r) for r in rows if not (np.isnan(r.params) or np.isnan(r.accuracy))]
+    for x, y, r in pts:
+        right.errorbar(x, y, yerr=None if np.isnan(r.accuracy_std) else r.accuracy_std, fmt="o", capsize=2, ms=5,
+                       color=VERDICT_COLOURS.get(r.verdict, "tab:blue"), alpha=0.9 if r.pareto else 0.45)
+        right.annotate(r.config, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = sorted((x, y) for x, y, r in pts if r.pareto)
+    if front:
+        right.plot(*zip(*front), "--", color="tab:orange", lw=1, label="Pareto front")
+        right.legend(fontsize=8, loc="lower right")
+    if pts and max(x for x, _, _ in pts) > 10 * min(x for x, _, _ in pts):
+        right.set_xscale("log")
+    right.set_xlabel("parameters")
+    right.set_ylabel("validation accuracy")
+    right.grid(alpha=0.3)
+    right.set_title("accuracy against cost", fontsize=11, fontweight="bold")
+    return fig

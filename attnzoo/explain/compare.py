@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,6 +12,54 @@ from ..errors import AttnzooError
 from ..runs.folder import CONFIG, WEIGHTS, RunFolder, parameter_count
 from .charts import bar_figure
 from .report import best_map, score_table, time_per_epoch
+from .stats import Row, config_name, decisive_map, leaderboard
+
+
+def run_result(path: str | Path) -> dict[str, Any]:
+    """One run as the statistics over seeds read it (``stats.leaderboard``): its configuration and seed, how it
+    ended, validation accuracy and loss, its most decisive map with that map's share and pointing game (from
+    ``fit``'s record; pointing needs boxes.csv), parameters and seconds per epoch."""
+    folder = RunFolder.open(path)
+    record = folder.record
+    final = (record.get("metrics") or {}).get("final") or {}
+    name, share, pointing = decisive_map(record.get("maps"))
+    weights = folder.file(WEIGHTS)
+    nan = float("nan")
+    return dict(
+        config=config_name(record.get("attn"), record.get("sites") or [], record.get("attn_options")),
+        seed=record.get("seed"), state=_STATES.get(record.get("status"), "pending"),
+        error=record.get("error"), accuracy=float(final.get("accuracy", nan)),
+        valid_loss=float(final.get("valid_loss", nan)), map=name, share=share, pointing=pointing,
+        params=float(parameter_count(weights)) if weights.is_file() else nan, time_per_epoch=time_per_epoch(record),
+        epochs=len((record.get("metrics") or {}).get("per_epoch") or []),
+    )
+
+
+_STATES = {"done": "complete", "failed": "failed"}  # a run's status, as the statistics count it
+
+
+def _family(record: Mapping[str, Any]) -> str:
+    """What runs that differ only in their module (and its sites and options) and seed have in common."""
+    request = {k: v for k, v in (record.get("request") or {}).items()
+               if k not in ("seed", "attn", "at", "attn_options", "threads", "num_workers")}
+    return json.dumps([record.get("backbone"), request], sort_keys=True, default=str)
+
+
+def over_seeds(paths: Sequence[str | Path]) -> tuple[list[list[Row]], dict[str, Row]]:
+    """The statistics over seeds of runs that differ only in their seed: a leaderboard per family of runs with
+    the same settings (each configuration against that family's ``none`` runs, paired by seed), for the families
+    where some configuration has two seeds or more; and each such run's row, by its path."""
+    families: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for p in paths:
+        families.setdefault(_family(RunFolder.open(p).record), []).append((str(Path(p)), run_result(p)))
+    boards, by_run = [], {}
+    for members in families.values():
+        board = leaderboard([r for _, r in members])
+        if any(row.seeds > 1 for row in board):
+            boards.append(board)
+            rows = {row.config: row for row in board}
+            by_run.update({p: rows[r["config"]] for p, r in members if rows[r["config"]].seeds > 1})
+    return boards, by_run
 
 
 def compare_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -43,6 +92,9 @@ def compare_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
             flagged={k: r["flags"] for k, r in table.items() if r["flags"]},
             scores=table,
         ))
+    by_run = over_seeds(paths)[1]  # runs that differ only in their seed: their configuration's numbers
+    for row in out:
+        row["over_seeds"] = by_run[row["path"]].to_dict() if row["path"] in by_run else None
     return out
 
 

@@ -5,5 +5,6 @@
 - ``predict``: ``load_run`` (a run folder, ``local-dir:PATH``, ``hf-hub:org/name``) and ``Run.predict``;
 - ``export``: ONNX and ``torch.export``, and the Hub face of an older run;
 - ``hub``: the Hub face (``config.json`` in timm's shape, its schema) and runs taken by name; ``card``: the
-  model card; ``push``: a finished run uploaded as a Hub model repo.
+  model card; ``push``: a finished run uploaded as a Hub model repo;
+- ``sweep``: an Optuna study of modules x sites x seeds, and its leaderboard.
 """

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -273,7 +274,9 @@ def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]], dialect: str
     return buf.getvalue()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int, started: int | None = None) -> bool:
+    """Whether process ``pid`` of this host runs; with ``started`` (``process_started``), whether it is still that
+    process and not a new one that got its number."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -281,8 +284,17 @@ def _alive(pid: int) -> bool:
     except (OverflowError, ValueError):  # no process can have that number
         return False
     except PermissionError:  # another user's process
-        return True
-    return True
+        pass
+    return started is None or process_started(pid) in (None, started)
+
+
+def process_started(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux's /proc), or None where that is unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22, counted after the command name
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # --- the run folder -----------------------------------------------------------------------------------------------
@@ -398,7 +410,7 @@ class RunFolder:
                 kind = "folder" if lock.is_dir() else "special file"
                 raise AttnzooError(f"{lock} is not attnzoo's lock file (a {kind}); remove it, then run again")
             host, pid = ([*lock.read_text(errors="replace").split(), "?", "0"])[:2]
-            if host == socket.gethostname() and (not pid.isdigit() or not _alive(int(pid))):
+            if host == socket.gethostname() and (not pid.isdigit() or not process_alive(int(pid))):
                 lock.unlink(missing_ok=True)  # its process is gone: a killed run's lock
                 continue
             raise AttnzooError(f"another attnzoo fit (pid {pid[:20]} on {host[:60]}) is training in {self.path}; wait "
@@ -423,6 +435,24 @@ class RunFolder:
                 folder.rmdir()
             except OSError:
                 break  # something else was written there: keep it
+
+    def can_resume(self) -> bool:
+        """The run left a checkpoint to continue from (``fit(resume=...)``)."""
+        return (self.path / LAST).is_file()
+
+    def clear(self) -> None:
+        """Empty the folder of a run that left nothing to resume (it stopped before its first checkpoint), so that
+        the run can be claimed and started again (a sweep's trial that was killed). Done under the lock: never
+        under a run that is still training."""
+        self.lock()
+        try:
+            for p in self.path.iterdir():
+                if p.name != LOCK:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        except OSError as e:
+            raise AttnzooError(f"cannot empty the run folder {self.path}: {e.strerror or e}") from None
+        finally:
+            self.unlock()
 
     def clean_temporaries(self) -> list[Path]:
         """Remove the temporary files a killed attnzoo left (``.NAME.XXXXXXXX.tmp``, and safetensors'

@@ -11,10 +11,11 @@ epoch, and why the run stopped early, if it did. In the order fastai calls them:
 - ``Resume``: a resumed run's optimiser, smoothed loss and random states, put back before its first fit;
 - ``History``, ``RichProgress``: one row per epoch, shown as a table under a progress bar;
 - ``FollowIdleCores``: torch's threads follow the cores other jobs leave idle, every epoch;
-- ``Checkpoints``: the last and the best epoch, after every epoch;
-- ``DecisionShares``, ``FinishRun``, ``RunPlots``, ``HubFace``: when the last fit ends, rank 0 measures each
-  map's share of the decision, saves the finished run, draws its plots, and writes its Hub face (config.json and
-  the model card, which shows the plots).
+- ``Checkpoints``: the last and the best epoch, after every epoch; ``ReportEpochs`` (when asked): the
+  monitored value to someone who may stop the run (a sweep's pruner);
+- ``Divergence``, ``DecisionShares``, ``FinishRun``, ``RunPlots``, ``HubFace``: when the last fit ends, rank 0
+  warns of a diverged run, measures each map's share of the decision, saves the finished run, draws its plots,
+  and writes its Hub face (config.json and the model card, which shows the plots).
 
 Under ``torchrun`` / ``accelerate launch`` every process runs the same callbacks; those that write (the
 status, checkpoints, the finished run) do so on rank 0 only.
@@ -58,7 +59,8 @@ class RunState:
     best: dict[str, Any] = field(default_factory=dict)
     phase: int = 0
     offset: int = 0
-    failure: str | None = None  # why training failed (a NaN/inf)
+    failure: str | None = None  # why training failed (a NaN/inf), or why a callback stopped it early
+    stopped_early: bool = False  # a callback stopped the run on purpose (a sweep's pruner): not the module's fault
     blamed: list[str] = field(default_factory=list)  # attention modules that turned finite input into NaN/inf
     signum: int | None = None  # the signal that stopped the run
     resumed: tuple[dict[str, Any], dict[str, Any]] | None = None  # a resumed run's checkpoint, until its first fit
@@ -472,6 +474,32 @@ class Checkpoints(TrackerCallback, EpochCallback, RunCallback):
         meta = {"epoch": epoch, "history": self.state.history, "best": self.state.best,
                 "rng": rng_state(self.learn), "smooth_loss": [int(smooth.count), float(smooth.val)]}
         save_checkpoint(self.state.folder.file(LAST), self.learn, model, meta)
+
+    def after_epoch(self) -> None:
+        EpochCallback.after_epoch(self)
+
+
+class ReportEpochs(TrackerCallback, EpochCallback):
+    """After every trained epoch (once its checkpoint is saved), ``report(epoch, value)`` with the monitored value,
+    ``epoch`` counting over the run's fits and across a resume. ``report`` returns why the run should stop now (a
+    sweep's pruner), or None; a stopped run ends as failed with that reason (``stopped``), like a NaN, so that
+    ``attnzoo.json`` never calls a cut-short run done."""
+
+    order = Checkpoints.order + 1
+
+    def __init__(self, report: Callable[[int, float], str | None], monitor: str = "accuracy") -> None:
+        TrackerCallback.__init__(self, monitor=monitor, reset_on_fit=False)
+        self.report = report
+        self.stopped: str | None = None
+
+    def epoch_trained(self) -> None:
+        TrackerCallback.after_epoch(self)
+        state = next(c.state for c in self.learn.cbs if isinstance(c, RunCallback))  # the run's, shared
+        why = self.report(len(state.history), float(self.recorder.values[-1][self.idx]))
+        if why:
+            self.stopped = state.failure = why
+            state.stopped_early = True
+            raise CancelFitException
 
     def after_epoch(self) -> None:
         EpochCallback.after_epoch(self)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ def fit(
     console: Any = None,
     on_data: Any = None,
     on_epoch_table: Any = None,
+    callbacks: Sequence[Any] = (),
     **settings: Any,
 ) -> Path:
     """Train and write a run folder; what ``attnzoo fit`` does. Returns the run folder.
@@ -40,7 +42,7 @@ def fit(
     ``settings`` are ``FitConfig``'s (see its docstring, or ``attnzoo fit --help``), checked before anything
     starts; None means the default; ``attn=None`` trains the baseline. Or pass a ready ``config``.
     ``on_data(info, run_dir)`` is called with the dataset summary before training; ``on_epoch_table(rows)`` with
-    the per-epoch rows after it.
+    the per-epoch rows after it. ``callbacks``: more fastai callbacks for the run's fits (a sweep's pruning).
 
     The run folder is claimed before training starts (``attnzoo.json`` with ``status: training``);
     ``checkpoints`` keeps ``checkpoints/last`` and ``checkpoints/best`` up to date after every epoch.
@@ -64,7 +66,8 @@ def fit(
     else:
         folder = _claim(config)
     try:
-        return _train(config, folder, console=console, on_data=on_data, on_epoch_table=on_epoch_table)
+        return _train(config, folder, console=console, on_data=on_data, on_epoch_table=on_epoch_table,
+                      callbacks=callbacks)
     finally:
         folder.release()  # unlocked; a run that stopped before writing its attnzoo.json leaves no folder behind
 
@@ -121,7 +124,8 @@ class _Prepared:
     threads: int | None
 
 
-def _train(settings: FitConfig, folder: RunFolder, *, console: Any, on_data: Any, on_epoch_table: Any) -> Path:
+def _train(settings: FitConfig, folder: RunFolder, *, console: Any, on_data: Any, on_epoch_table: Any,
+           callbacks: Sequence[Any] = ()) -> Path:
     from .checkpoints import load_model_tensors, read_checkpoint
     from .learner import phases
 
@@ -139,17 +143,7 @@ def _train(settings: FitConfig, folder: RunFolder, *, console: Any, on_data: Any
         state.history[:] = [dict(r) for r in meta.get("history", [])]
         state.best = dict(meta.get("best") or {})
     done = len(state.history)
-    start = None if resumed else _record(p, learn)
-    run_cbs = [
-        cb.RunStatus(state, start, p.info.skipped), cb.StopOnSignal(state), cb.NanGuard(state), cb.Resume(state),
-        cb.History(state.history), cb.Checkpoints(state),
-        cb.RichProgress(console, total_epochs=sum(n for _, n, _ in state.phases), done=done),
-        cb.Divergence(state, len(p.info.classes)), cb.DecisionShares(state, p.info, s.img_size),
-        cb.FinishRun(state, p.training.summary),
-        cb.RunPlots(state, s.img_size, p.mean, p.std, list(p.info.classes)), cb.HubFace(state),
-    ]
-    if s.threads == "auto":
-        run_cbs.append(cb.FollowIdleCores(state))
+    run_cbs = _lifecycle(state, p, None if resumed else _record(p, learn), console, done, callbacks)
     try:
         with learn.added_cbs(run_cbs), p.training:
             for phase, (frozen, n, lr) in enumerate(state.phases):
@@ -170,6 +164,25 @@ def _train(settings: FitConfig, folder: RunFolder, *, console: Any, on_data: Any
     _outcome(state)
     distributed.barrier()  # every process returns once the run folder is complete
     return folder.path
+
+
+def _lifecycle(state: cb.RunState, p: _Prepared, start: dict[str, Any] | None, console: Any, done: int,
+               extra: Sequence[Any]) -> list[Any]:
+    """The run's callbacks (``train.callbacks``), in the order they act; ``start``: a new run's record."""
+    s = p.settings
+    run_cbs = [
+        cb.RunStatus(state, start, p.info.skipped), cb.StopOnSignal(state), cb.NanGuard(state), cb.Resume(state),
+        cb.History(state.history), cb.Checkpoints(state),
+        cb.RichProgress(console, total_epochs=sum(n for _, n, _ in state.phases), done=done),
+        cb.Divergence(state, len(p.info.classes)), cb.DecisionShares(state, p.info, s.img_size),
+        cb.FinishRun(state, p.training.summary), *extra,
+    ]
+    if s.plots:
+        run_cbs.append(cb.RunPlots(state, s.img_size, p.mean, p.std, list(p.info.classes)))
+    run_cbs.append(cb.HubFace(state))
+    if s.threads == "auto":
+        run_cbs.append(cb.FollowIdleCores(state))
+    return run_cbs
 
 
 def _prepare(settings: FitConfig, folder: RunFolder, resumed: dict[str, Any] | None, console: Any,
@@ -271,7 +284,8 @@ def _outcome(state: cb.RunState) -> None:
     if state.failure is not None:
         kept = (f"; the last good checkpoint (epoch {epochs}) is {run_dir / LAST}"
                 if epochs and state.checkpoints else "")
-        hint = (" The module is at fault, not only the learning rate: check its options, or tell its author."
+        hint = ("" if state.stopped_early else
+                " The module is at fault, not only the learning rate: check its options, or tell its author."
                 if state.blamed else " Try a lower --lr.")
         raise TrainingFailed(f"{state.failure}: training stopped{kept}.{hint}")
     if state.signum is not None:

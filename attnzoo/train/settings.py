@@ -101,6 +101,8 @@ class FitConfig:
                                    "processes.", flag="--sync-bn")
     compile: bool = setting(False, "torch.compile the model (pays off on GPUs for long runs; see the "
                                    "benchmarks).", flag="--compile")
+    plots: bool = setting(True, "Draw the run folder's plots (learning curves, confusion matrix, top losses, "
+                                "attention) when training ends; a sweep's many runs may go without.")
     runs_dir: str = setting("runs", "The folder under which default run folders are made.", requested=False,
                             on_cli=False)
 
@@ -161,7 +163,7 @@ class FitConfig:
         if self.attn is None and (self.attn_options or self.at is not None):
             raise AttnzooError("--at and --attn-arg need an attention module (got --attn none)")
 
-        for name in ("pretrained", "checkpoints", "sync_bn", "compile"):
+        for name in ("pretrained", "checkpoints", "sync_bn", "compile", "plots"):
             if not isinstance(getattr(self, name), bool):
                 raise AttnzooError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._whole("epochs", 1, MAX_EPOCHS)
