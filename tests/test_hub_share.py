@@ -218,7 +218,7 @@ def test_a_plain_timm_repo_is_named_as_one(tmp_path, tiny_run):
 @pytest.mark.parametrize("change,message", [
     (lambda c: c.update(label_names="red"), "label_names: input should be a valid list"),
     (lambda c: c.update(num_classes=4), "num_classes is 4 but label_names names 3"),
-    (lambda c: c["pretrained_cfg"].update(input_size=[3, 32, 48]), "square RGB inputs"),
+    (lambda c: c["pretrained_cfg"].update(input_size=[3, 32, 48]), "square RGB or grey inputs"),
     (lambda c: c["attnzoo"].pop("attn"), "attnzoo.attn: missing"),
     (lambda c: c["attnzoo"].update(format=9), "newer attnzoo"),
 ])
