@@ -124,16 +124,22 @@ def command_names() -> list[str]:
 
 
 def module_table() -> str:
-    """Every registered attention module (built-ins and installed plugins) with its options."""
+    """Every registered attention module (built-ins and installed plugins) with its options, a table per source."""
     import attnzoo
 
-    rows = []
+    by_source: dict[str, list[list[str]]] = {}
     for name in attnzoo.list_attention():
         spec = attnzoo.get_attention(name)
         options = "<br>".join(_code(o.describe()) for o in spec.options.values()) or "none"
-        paper = f"<{spec.paper}>" if spec.paper.startswith("http") else _text(spec.paper or "-")
-        rows.append([_code(name), spec.kind, _code(spec.source), _text(spec.summary), options, paper])
-    return _table(["name", "kind", "from", "what it does", "options (`--attn-arg KEY=VALUE`)", "paper"], rows)
+        paper = f" ([paper]({spec.paper}))" if spec.paper.startswith("http") else (
+            f" ({_text(spec.paper)})" if spec.paper else "")
+        by_source.setdefault(spec.source, []).append([_code(name), spec.kind, _text(spec.summary) + paper, options])
+    out = []
+    for source, rows in sorted(by_source.items(), key=lambda item: (item[0] != "attnzoo", item[0])):
+        what = "built in" if source == "attnzoo" else "plugin"
+        out.append(f"**`{source}`** ({what}, {len(rows)} module{'s' if len(rows) > 1 else ''})\n\n"
+                   + _table(["name", "kind", "what it does", "options (`--attn-arg KEY=VALUE`)"], rows))
+    return "\n\n".join(out)
 
 
 def settings_table() -> str:
