@@ -634,9 +634,10 @@ def push(
     console.print(f"load it with: attnzoo predict IMAGE --run hf-hub:{pushed.repo_id}", soft_wrap=True)
 
 
-def _command() -> Any:
-    """The app as a click command, its help without type placeholders on flags (``--json <bool>``) and with
-    argument names in capitals (``IMAGES...``, not ``{images}...``)."""
+def click_command() -> Any:
+    """The app as a click command, as ``attnzoo --help`` shows it (the docs' command reference is generated from
+    it): its help without type placeholders on flags (``--json <bool>``) and with argument names in capitals
+    (``IMAGES...``, not ``{images}...``)."""
     command = typer.main.get_command(app)
     for sub in [command, *getattr(command, "commands", {}).values()]:
         help_option = sub.get_help_option(typer.Context(sub))
@@ -683,7 +684,7 @@ def _run_app(argv: list[str] | None = None) -> None:
     _state["debug"] = False  # until --debug is parsed, also for a second main() in one process
     try:
         with _json_stdout(sys.argv[1:] if argv is None else argv):
-            code = _command().main(args=argv, prog_name="attnzoo", standalone_mode=False)
+            code = click_command().main(args=argv, prog_name="attnzoo", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
