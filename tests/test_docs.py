@@ -44,6 +44,8 @@ OTHER_PROGRAMS = {
     "grep": "filters attnzoo's plain-text output",
     "accelerate": "`accelerate config` (its launches are parsed as attnzoo commands)",
     "python": "`python benchmarks/<script>.py`: the script must exist",
+    "hf": "`hf auth login`, huggingface_hub's own login (a token for `attnzoo push`)",
+    "optuna-dashboard": "opens a sweep's study: its argument must be a study storage attnzoo names",
 }
 
 
@@ -217,6 +219,12 @@ def check_other(block: Block, line: str, words: list[str]) -> None:
         assert (ROOT / words[1]).is_file() and words[1].startswith("benchmarks/"), f"{block}: {line}"
     elif program == "accelerate":
         assert words[1:] == ["config"], f"{block}: {line}"
+    elif program == "hf":
+        assert words[1:] == ["auth", "login"], f"{block}: {line}"
+    elif program == "optuna-dashboard":
+        from attnzoo.runs.sweep import JOURNAL
+
+        assert len(words) == 2 and (words[1].endswith("/" + JOURNAL) or "://" in words[1]), f"{block}: {line}"
 
 
 @pytest.mark.parametrize("block", of("shell", *SHELL))
