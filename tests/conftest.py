@@ -10,7 +10,9 @@ from PIL import Image
 
 # Tests never touch the network: hub lookups fail at once instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread per pytest-xdist worker (the default run has one worker per core): two workers of two threads each on
+# two cores stall on each other's OpenMP barriers
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")

@@ -86,7 +86,7 @@ def test_a_nan_validation_loss_fails_the_run_and_is_never_best(tiny_folder, tmp_
 
 
 def test_a_batch_larger_than_the_training_set_is_lowered_with_a_warning(small, tmp_path):
-    run = attnzoo.fit("test_resnet", "none", str(small), pretrained=False, epochs=1, img_size=32,
+    run = attnzoo.fit("test_resnet", "none", str(small), pretrained=False, epochs=1, img_size=32, plots=False,
                       out=str(tmp_path / "run"))  # the default batch, 32
     config = json.loads((run / "attnzoo.json").read_text())
     assert config["request"]["bs"] == 12
@@ -131,7 +131,7 @@ def test_the_best_epochs_weights_are_stored_once(tiny_folder, tmp_path):
     from attnzoo.runs.folder import BEST
 
     run = attnzoo.fit("test_resnet", "none", str(tiny_folder), pretrained=False, epochs=2, bs=8, img_size=32,
-                      out=str(tmp_path / "run"))
+                      plots=False, out=str(tmp_path / "run"))
     best = json.loads((run / "attnzoo.json").read_text())["best"]
     if best["epoch"] == 2:  # the last epoch: model.safetensors holds its weights, no second copy
         assert best["weights"] == "model.safetensors" and not (run / BEST).exists()

@@ -72,6 +72,7 @@ def files(run_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
 
 
+@pytest.mark.slow  # two processes launched by torchrun: 45 s (CI runs `pytest -m slow` too)
 def test_two_processes_write_one_run_folder_like_a_single_process(launched, single):
     run_dir, _ = launched
     assert files(run_dir) == files(single)
@@ -82,6 +83,7 @@ def test_two_processes_write_one_run_folder_like_a_single_process(launched, sing
     assert run.classes == ["blue", "green", "red"] and run.model.sites == ["layer1", "layer2", "layer3"]
 
 
+@pytest.mark.slow  # the torchrun launch (45 s) is slow: CI runs `pytest -m slow` too
 def test_each_rank_trains_on_its_half_of_the_batches(launched, single):
     record = config(launched[0])["distributed"]
     assert record["world_size"] == 2 and record["backend"] == "gloo" and record["effective_bs"] == 8
@@ -90,6 +92,7 @@ def test_each_rank_trains_on_its_half_of_the_batches(launched, single):
     assert [abs(b - alone / 2) <= 1 for b in record["train_batches"]] == [True, True]  # gathered from both ranks
 
 
+@pytest.mark.slow  # the torchrun launch (45 s) is slow: CI runs `pytest -m slow` too
 def test_validation_metrics_cover_the_whole_validation_set(launched, data):
     run_dir, _ = launched
     final = config(run_dir)["metrics"]["final"]
@@ -102,6 +105,7 @@ def test_validation_metrics_cover_the_whole_validation_set(launched, data):
     assert final["accuracy"] == pytest.approx((probs.argmax(1) == target).float().mean().item(), abs=1e-6)
 
 
+@pytest.mark.slow  # the torchrun launch (45 s) is slow: CI runs `pytest -m slow` too
 def test_only_rank_0_reports(launched):
     _, proc = launched
     out = proc.stdout + proc.stderr
@@ -111,11 +115,12 @@ def test_only_rank_0_reports(launched):
     assert out.count("total") == 1  # the data table
 
 
-def test_a_single_process_run_records_one_process(single):
-    assert config(single)["distributed"] == dict(world_size=1, backend=None, sync_bn=False, effective_bs=4,
-                                                 train_batches=[7])
+def test_a_single_process_run_records_one_process(tiny_run):
+    assert config(tiny_run)["distributed"] == dict(world_size=1, backend=None, sync_bn=False, effective_bs=8,
+                                                   train_batches=[3])  # 24 training images, batches of 8
 
 
+@pytest.mark.slow  # the torchrun launch (45 s) is slow: CI runs `pytest -m slow` too
 def test_checkpoints_hold_the_same_tensors_as_a_single_process(launched, single):
     from safetensors import safe_open
 

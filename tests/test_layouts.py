@@ -100,7 +100,7 @@ def test_resume_refuses_data_whose_classes_swapped(tmp_path):
     from attnzoo.train.checkpoints import save_checkpoint
 
     data = make_folder(tmp_path / "data", n=4, size=16)
-    run = attnzoo.fit("test_resnet", "none", str(data), pretrained=False, epochs=1, bs=4, img_size=32,
+    run = attnzoo.fit("test_resnet", "none", str(data), pretrained=False, epochs=1, bs=4, img_size=32, plots=False,
                       out=str(tmp_path / "run"))
     config = json.loads((run / "attnzoo.json").read_text())
     (run / "attnzoo.json").write_text(json.dumps({**config, "status": "interrupted"}))

@@ -20,7 +20,10 @@ IMG = 64
 
 
 @pytest.mark.parametrize("attn", ["lpa-pc", "sagan", "softmask-sigmoid"])
-@pytest.mark.parametrize("backbone", FAMILIES)
+@pytest.mark.parametrize("backbone", [f if f in ("test_resnet", "test_convnext", "test_vit") else
+                                      pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
+# a convnet, a channels-last convnet and a ViT by default; every family (vgg11_bn's 130M parameters: 7 s a module)
+# with `pytest -m slow`
 def test_attention_trains_at_the_default_sites_of_every_family(backbone, attn):
     torch.manual_seed(0)
     model = attnzoo.create_model(backbone, attn, num_classes=3, img_size=IMG)

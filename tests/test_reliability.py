@@ -23,8 +23,9 @@ from attnzoo import register_attention
 from attnzoo.errors import TrainingFailed
 from attnzoo.train.fit import fit
 
-TINY = dict(backbone="test_resnet", attn="lpa-pc", pretrained=False, bs=8, img_size=32)
-CLI_TINY = ["--backbone", "test_resnet", "--attn", "lpa-pc", "--no-pretrained", "--bs", "8", "--img-size", "32"]
+TINY = dict(backbone="test_resnet", attn="lpa-pc", pretrained=False, bs=8, img_size=32, plots=False)
+CLI_TINY = ["--backbone", "test_resnet", "--attn", "lpa-pc", "--no-pretrained", "--bs", "8", "--img-size", "32",
+            "--no-plots"]  # the plots are tested elsewhere
 
 
 def epochs_of(run: Path) -> list[dict]:
@@ -69,6 +70,7 @@ def test_training_goes_on_through_a_folder_of_bad_files(tmp_path, capsys):
 
 # --- interruption, resume, reproducibility ----------------------------------------------------------------------
 
+@pytest.mark.slow  # three 4-epoch fits: 25 s
 def test_the_same_seed_gives_the_same_run_and_another_seed_does_not(reference, data16, tmp_path):
     again = fit(**TINY, data=str(data16), epochs=4, seed=3, out=str(tmp_path / "again"))
     assert epochs_of(again) == epochs_of(reference)
@@ -77,6 +79,7 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_does_not(reference, d
     assert epochs_of(other)[0] != epochs_of(reference)[0]
 
 
+@pytest.mark.slow  # a fit process signalled, then resumed: 25 s; the full-disk test resumes in the default run
 def test_sigterm_saves_and_resume_reaches_the_uninterrupted_result(reference, data16, tmp_path, capsys):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1"}
@@ -106,10 +109,10 @@ def test_sigterm_saves_and_resume_reaches_the_uninterrupted_result(reference, da
     assert (run / best["weights"]).is_file() and not last.exists()  # the best epoch's weights, stored once
 
 
-def test_resume_refuses_changed_settings_and_finished_runs(reference, capsys):
-    code, _, err = run_cli(capsys, "fit", "--resume", str(reference), "--epochs", "9")
+def test_resume_refuses_changed_settings_and_finished_runs(tiny_run, capsys):
+    code, _, err = run_cli(capsys, "fit", "--resume", str(tiny_run), "--epochs", "9")
     assert code == 2 and "leave out --epochs" in err
-    code, _, err = run_cli(capsys, "fit", "--resume", str(reference))
+    code, _, err = run_cli(capsys, "fit", "--resume", str(tiny_run))
     assert code == 2 and "already finished" in err
 
 
@@ -190,11 +193,11 @@ def test_weights_that_need_unpickling_are_refused(tmp_path, tiny_folder, capsys)
     assert not marker.exists()
 
 
-def test_load_run_never_unpickles(tmp_path, reference, capsys):
+def test_load_run_never_unpickles(tmp_path, tiny_run, capsys):
     marker = tmp_path / "marker"
     run = tmp_path / "run"
     run.mkdir()
-    (run / "attnzoo.json").write_text((reference / "attnzoo.json").read_text())
+    (run / "attnzoo.json").write_text((tiny_run / "attnzoo.json").read_text())
     evil_checkpoint(run / "model.safetensors", marker)
     from PIL import Image
 
@@ -225,12 +228,12 @@ def test_bad_fit_options_are_one_line_with_exit_code_2(capsys, tiny_folder, tmp_
     assert not run.exists()  # nothing was written
 
 
-def test_other_bad_fit_calls(capsys, tmp_path, tiny_folder, reference):
+def test_other_bad_fit_calls(capsys, tmp_path, tiny_folder, tiny_run):
     code, _, err = run_cli(capsys, "fit", "--attn", "lpa-pc", "--data", str(tiny_folder))
     assert code == 2 and "fit needs --backbone" in err
-    code, _, err = run_cli(capsys, "fit", *CLI_TINY, "--data", str(tiny_folder), "--out", str(reference))
+    code, _, err = run_cli(capsys, "fit", *CLI_TINY, "--data", str(tiny_folder), "--out", str(tiny_run))
     assert code == 2 and "already exists" in err
-    assert json.loads((reference / "attnzoo.json").read_text())["status"] == "done"  # nothing lost
+    assert json.loads((tiny_run / "attnzoo.json").read_text())["status"] == "done"  # nothing lost
     code, _, err = run_cli(capsys, "fit", "--resume", str(tmp_path / "nope"))
     assert code == 2 and "needs a run folder" in err
     weights = tmp_path / "w.npz"

@@ -17,9 +17,10 @@ from attnzoo.runs.folder import LOCK, RunFolder
 from attnzoo.runs.predict import load_run
 from attnzoo.train.fit import fit
 
-TINY = dict(backbone="test_resnet", attn="lpa-pc", pretrained=False, bs=8, img_size=32, epochs=1)
+TINY = dict(backbone="test_resnet", attn="lpa-pc", pretrained=False, bs=8, img_size=32, epochs=1, plots=False)
 
 
+@pytest.mark.slow  # two fit processes: 25 s; test_run.py races the claim itself in threads in the default run
 def test_two_fits_started_together_on_one_folder_give_it_to_one(tiny_folder, tmp_path):
     out = tmp_path / "same"
     command = [sys.executable, "-m", "attnzoo", "fit", "--backbone", "test_resnet", "--attn", "lpa-pc",
@@ -81,7 +82,7 @@ def test_names_that_are_not_utf8_go_through_fit_and_back(tmp_path):
     bad = [root / "train" / "green" / os.fsdecode(b"x\xff\ty.png"), root / "train" / "blue" / "two\nlines.png"]
     for p in bad:
         p.write_bytes(b"not an image")
-    run = fit(**TINY, data=str(root), out=str(tmp_path / "r"))
+    run = fit(**{**TINY, "plots": True}, data=str(root), out=str(tmp_path / "r"))
     folder = RunFolder(run)
     assert folder.read_config()["status"] == "done"
     assert {Path(p) for p, _ in folder.read_skipped()} == set(bad)

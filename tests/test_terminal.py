@@ -41,7 +41,7 @@ def test_help_shows_no_placeholders_on_flags():
 def test_fit_prints_one_epoch_table_and_a_next_step_that_runs(tiny_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["fit", "--backbone", "test_resnet", "--attn", "lpa-pc", "--data", str(tiny_folder), "--no-pretrained",
-              "--epochs", "2", "--bs", "8", "--img-size", "32", "--out", str(tmp_path / "run")])
+              "--epochs", "2", "--bs", "8", "--img-size", "32", "--no-plots", "--out", str(tmp_path / "run")])
     assert e.value.code == 0
     captured = capsys.readouterr()
     text = captured.out + captured.err
