@@ -63,7 +63,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "checkpoint": ("train.checkpoints", "train.callbacks"), "threads": ("train.threads",),
     "config": ("train.settings", "train.threads"), "metrics": ("explain.metrics",), "localize": ("explain.boxes",),
     "trust": ("explain.trust",), "viz": ("explain.figures",), "figures": ("explain.charts",),
-    "report": ("explain.report",), "explain": ("explain.cams",),
+    "report": ("explain.report",),
     "interpret": ("explain.interpret", "explain.show_attention", "explain.compare", "explain.report"),
     "run": ("runs.folder", "runs.predict"), "outputs": ("runs.outputs",), "deploy": ("runs.export",),
 }

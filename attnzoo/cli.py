@@ -99,13 +99,18 @@ def _main(
 
 
 def _print_table(console: Any, title: str, columns: list[str], rows: list[list[Any]],
-                 whole: tuple[str, ...] = ()) -> None:
+                 whole: tuple[str, ...] = (), markup: bool = False) -> None:
     """A rich table on a terminal, whose first column and the ``whole`` ones (names, sites) never wrap mid-word;
     plain tab-separated lines (the title as a ``#`` line) when the output is a pipe or a file, so that
-    ``attnzoo list | grep NAME`` sees every name whole. Cells are rich markup."""
+    ``attnzoo list | grep NAME`` sees every name whole. Cells and title are text (a file or class name may hold
+    ``[...]``), or rich markup with ``markup=True``, whose caller escapes what is not."""
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
+
+    if not markup:
+        title, rows = escape(title), [[escape(str(v)) for v in r] for r in rows]
 
     if not console.is_terminal:
         def plain(v: Any) -> str:
@@ -176,7 +181,8 @@ def fit(ctx: typer.Context, **options: Any) -> None:
         counts = info.counts()
         rows = [[escape(c), counts["train"][c], counts["valid"][c]] for c in info.classes]
         rows.append(["[bold]total", len(info.train), len(info.valid)])
-        _print_table(console, f"data: {info.root} ({info.layout})", ["class", "train", "valid"], rows)
+        _print_table(console, f"data: {escape(str(info.root))} ({info.layout})", ["class", "train", "valid"], rows,
+                     markup=True)
         for note in info.warnings:
             err.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
         if info.skipped:
@@ -295,12 +301,9 @@ def _counts(counts: dict[str, int]) -> str:
 
 def _print_leaderboard(console: Any, title: str, rows: list[Any]) -> None:
     """A leaderboard (``explain.stats``) as a table: the sweep's, and compare's over seeds."""
-    from rich.markup import escape
-
     from .explain.stats import ROW_HEADERS, row_cells
 
-    _print_table(console, title, ROW_HEADERS, [[escape(c) for c in row_cells(r)] for r in rows],
-                 whole=("verdict",))
+    _print_table(console, title, ROW_HEADERS, [row_cells(r) for r in rows], whole=("verdict",))
 
 
 def _sweep_settings() -> list[str]:
@@ -395,7 +398,7 @@ def list_modules(
                                       "\n".join(o.describe() for o in s.options.values()) or "-")]
             for s in specs]
     _print_table(console, "attention modules", ["name", "kind", "from", "summary", "options"], rows,
-                 whole=("kind", "from"))
+                 whole=("kind", "from"), markup=True)
     for st in plugin_status():
         if st.status != "ok":
             console.print(f"[yellow]plugin {escape(st.dist)} {st.status}:[/] {escape(st.reason)}", soft_wrap=True)
@@ -449,7 +452,7 @@ def plugins(
         status = f"[{color}]{st.status}[/]" + (f": {escape(st.reason)}" if st.reason else "")
         rows.append([escape(st.dist), escape(st.version), escape(", ".join(st.names)) or "-", status])
     _print_table(_console(), "attention plugins (entry point group attnzoo.attention)",
-                            ["distribution", "version", "provides", "status"], rows)
+                 ["distribution", "version", "provides", "status"], rows, markup=True)
 
 
 @app.command()
@@ -516,7 +519,7 @@ def interpret(
                  ["map", "kind", *[f"{c.label} {'↑' if c.higher else '↓'}" for c in cols], "flags"],
                  [[k, v["kind"], *["-" if v[c.key] != v[c.key] else f"{v[c.key]:.3f}" for c in cols],
                    ", ".join(v["flags"]) or "-"] for k, v in result.table.items()])
-    console.print(f"[green]report:[/] {result.files['report']}")
+    console.print(f"[green]report:[/] {escape(str(result.files['report']))}")
 
 
 @app.command()
@@ -527,10 +530,11 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Compare RUNS side by side: accuracy, loss, size, speed and localisation scores; writes a bar chart."""
-    from .explain.compare import compare as compare_runs
-    from .explain.compare import over_seeds
+    from rich.markup import escape
 
-    rows, written = compare_runs(runs, out)
+    from .explain.compare import compare as compare_runs
+
+    rows, boards, written = compare_runs(runs, out)
     if as_json:
         _emit_json(rows)
         return
@@ -551,10 +555,10 @@ def compare(
                      [[r["run"], r["best_site"] or "-", num(r["pointing"]), num(r["energy"]), r["best_cam"] or "-",
                        num(r["cam_pointing"]), num(r["cam_energy"]), num(r["random_pointing"]),
                        "; ".join(f"{k}: {', '.join(v)}" for k, v in r["flagged"].items()) or "-"] for r in rows])
-    for board in over_seeds(runs)[0]:
+    for board in boards:
         _print_leaderboard(console, "over seeds: runs that differ only in their seed (each against none, paired by "
                                     "seed; `attnzoo sweep` makes such runs)", board)
-    console.print(f"[green]chart:[/] {written}")
+    console.print(f"[green]chart:[/] {escape(str(written))}")
 
 
 @app.command()
@@ -574,7 +578,7 @@ def doctor(
         colors = {"ok": "green", "warn": "yellow", "fail": "red"}
         rows = [[escape(c.name), f"[{colors[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix)]
                 for c in checks]
-        _print_table(_console(), "attnzoo doctor", ["check", "status", "detail", "fix"], rows)
+        _print_table(_console(), "attnzoo doctor", ["check", "status", "detail", "fix"], rows, markup=True)
         bad = [c for c in checks if c.status != "ok"]
         _console().print("[green]all checks passed[/]" if not bad else
                          f"{len(bad)} problem(s): see the fix column")
@@ -596,13 +600,15 @@ def export(
 ) -> None:
     """Export a run for deployment, dynamic batch; checked against PyTorch before it is written. Or, with
     --format hub, make a run folder a Hub model repo (see `attnzoo push`)."""
+    from rich.markup import escape
+
     from .runs.export import export as export_run
 
     result = export_run(run, out, format=format, maps=maps, threads=threads)
     if result.format == "hub":
-        _console().print(f"[green]hub:[/] {result.path}  {', '.join(result.outputs)}", soft_wrap=True)
+        _console().print(f"[green]hub:[/] {escape(str(result.path))}  {', '.join(result.outputs)}", soft_wrap=True)
         return
-    _console().print(f"[green]{result.format}:[/] {result.path}  outputs {', '.join(result.outputs)}; "
+    _console().print(f"[green]{result.format}:[/] {escape(str(result.path))}  outputs {', '.join(result.outputs)}; "
                      f"max |difference| from PyTorch {result.max_diff:.1e} at batch sizes "
                      f"{', '.join(map(str, result.batches))}")
 
@@ -689,7 +695,9 @@ def _run_app(argv: list[str] | None = None) -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except Interrupted as e:
-        _console(stderr=True).print(f"[yellow]interrupted:[/] {e}", soft_wrap=True)
+        from rich.markup import escape
+
+        _console(stderr=True).print(f"[yellow]interrupted:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(128 + e.signum)
     except (typer.Abort, KeyboardInterrupt, AttnzooError, TrainingFailed, *_usage_errors()) as e:
         caught = e

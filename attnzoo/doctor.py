@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, requires, version
 from typing import Any
 
+from .errors import first_line
+
 OK, WARN, FAIL = "ok", "warn", "fail"
 
 
@@ -35,9 +37,8 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+def _why(e: BaseException) -> str:
+    return first_line(e, named=True, limit=200)
 
 
 def check_python() -> Check:
@@ -57,7 +58,7 @@ def check_import(module: str, dist: str | None = None, required: bool = True, pu
             f"reinstall it: pip install --force-reinstall {dist}"
         if purpose:
             fix += f" (needed {purpose})"
-        return Check(dist, status, f"cannot import: {_first_line(e)}", fix)
+        return Check(dist, status, f"cannot import: {_why(e)}", fix)
     return Check(dist, OK, _version(dist) or "installed")
 
 
@@ -72,7 +73,7 @@ def check_torchvision_ops() -> Check:
 
         torchvision.ops.nms(torch.zeros(0, 4), torch.zeros(0), 0.5)
     except Exception as e:
-        return Check("torchvision ops", FAIL, _first_line(e), fix)
+        return Check("torchvision ops", FAIL, _why(e), fix)
     return Check("torchvision ops", OK, f"compiled operators load (torch {torch_v}, torchvision {tv_v})")
 
 
@@ -101,7 +102,7 @@ def check_accelerators() -> list[Check]:
     try:
         import torch
     except Exception as e:
-        return [Check("accelerator", FAIL, f"torch does not import: {_first_line(e)}", "pip install torch")]
+        return [Check("accelerator", FAIL, f"torch does not import: {_why(e)}", "pip install torch")]
     out = []
     built = torch.version.cuda
     if torch.cuda.is_available():
@@ -126,7 +127,7 @@ def check_plugins() -> list[Check]:
 
         statuses = plugin_status()
     except Exception as e:
-        return [Check("plugins", FAIL, f"plugin discovery failed: {_first_line(e)}",
+        return [Check("plugins", FAIL, f"plugin discovery failed: {_why(e)}",
                       "set ATTNZOO_DISABLE_PLUGINS=1 to run without plugins, and report this")]
     out = []
     for st in statuses:
@@ -183,6 +184,6 @@ def run_checks() -> list[Check]:
         try:
             result: Any = check()
         except Exception as e:  # a check itself must never take the doctor down
-            result = Check(getattr(check, "__name__", "check"), FAIL, f"the check failed: {_first_line(e)}")
+            result = Check(getattr(check, "__name__", "check"), FAIL, f"the check failed: {_why(e)}")
         out.extend(result if isinstance(result, list) else [result])
     return out

@@ -51,3 +51,13 @@ class Interrupted(Exception):
     def __init__(self, message: str, signum: int, run_dir: object = None):
         super().__init__(message)
         self.signum, self.run_dir = signum, run_dir
+
+
+def first_line(e: BaseException, named: bool = False, limit: int = 300) -> str:
+    """An error's message as one line to show (its first line, at most ``limit`` characters), after its type's
+    name when ``named``; the type's name alone when it has no message."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0][:limit]
+    return f"{type(e).__name__}: {line}" if named else line

@@ -4,7 +4,7 @@ Both loops train the same model (``create_model``) on the same fastai DataLoader
 ``image_dataloaders`` (the PyTorch loop iterates them directly, so data costs the same) with Adam, a one-cycle
 schedule, and a validation pass with loss and accuracy each epoch:
 
-- ``attnzoo``: ``attention_learner`` + ``fit_one_cycle`` with the callbacks ``attnzoo.learner.fit`` installs
+- ``attnzoo``: ``attention_learner`` + ``fit_one_cycle`` with the callbacks ``attnzoo.train.fit`` installs
   (History, RichProgress drawing to a terminal, fastai's ProgressCallback removed) and fastai's Adam;
 - ``attnzoo, no RichProgress``, ``attnzoo, torch AdamW`` (fastai's ``OptimWrapper``) and ``attnzoo, grads set to
   None`` (a callback frees the gradients after each step instead of fastai zeroing them): what each costs;
@@ -115,7 +115,7 @@ class TorchLoop:
 
 
 class FastaiLoop:
-    """``attention_learner`` + ``fit_one_cycle`` with attnzoo's callbacks, as ``attnzoo.learner.fit`` sets them."""
+    """``attention_learner`` + ``fit_one_cycle`` with attnzoo's callbacks, as ``attnzoo.train.fit`` sets them."""
 
     def __init__(self, dls: Any, args: argparse.Namespace, rich: bool = True, torch_opt: bool = False,
                  grads_to_none: bool = False):

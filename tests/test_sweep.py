@@ -206,11 +206,12 @@ def test_the_same_command_again_trains_nothing_and_another_command_is_refused(sw
 
 
 def test_compare_gives_the_same_statistics_for_runs_that_differ_only_in_their_seed(swept, capsys):
-    from attnzoo.explain.compare import compare_runs
+    from attnzoo.explain.compare import compare_runs, with_seeds
 
     runs = sorted((swept / "trials").iterdir())
     board = {r["config"]: r for r in json.loads((swept / "leaderboard.json").read_text())["rows"]}
     rows = compare_runs(runs)
+    with_seeds(rows, runs)
     for row in rows:
         stats = row["over_seeds"]
         same = board[stats["config"]]

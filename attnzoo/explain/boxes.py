@@ -2,7 +2,7 @@
 
 Boxes are ``(x_min, y_min, x_max, y_max)`` in pixels, max exclusive. ``boxes.csv`` at a data root holds them in
 pixels of the original images; ``load_boxes`` scales them to the model's input, since images are squashed to
-it. ``attnzoo.metrics`` scores maps against them.
+it. ``attnzoo.explain.metrics`` scores maps against them.
 """
 
 from __future__ import annotations

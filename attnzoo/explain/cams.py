@@ -10,7 +10,7 @@
 - **Model randomisation** (Adebayo et al., 2018, "Sanity Checks for Saliency Maps",
   https://arxiv.org/abs/1810.03292): ``randomized_model`` re-initialises a copy's weights from the head down.
 
-Everything here needs the model; the scores computed from maps alone live in ``attnzoo.metrics``.
+Everything here needs the model; the scores computed from maps alone live in ``attnzoo.explain.metrics``.
 """
 
 from __future__ import annotations

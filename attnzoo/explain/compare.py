@@ -92,10 +92,16 @@ def compare_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
             flagged={k: r["flags"] for k, r in table.items() if r["flags"]},
             scores=table,
         ))
-    by_run = over_seeds(paths)[1]  # runs that differ only in their seed: their configuration's numbers
-    for row in out:
-        row["over_seeds"] = by_run[row["path"]].to_dict() if row["path"] in by_run else None
     return out
+
+
+def with_seeds(rows: list[dict[str, Any]], paths: Sequence[str | Path]) -> list[list[Row]]:
+    """Each row's ``over_seeds``: the numbers of its configuration over the runs that differ from it only in their
+    seed (None when there are no such runs); returns those leaderboards."""
+    boards, by_run = over_seeds(paths)
+    for row in rows:
+        row["over_seeds"] = by_run[row["path"]].to_dict() if row["path"] in by_run else None
+    return boards
 
 
 def compare_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
@@ -110,9 +116,11 @@ def compare_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
     return bar_figure(names, series, "runs compared", "validation score")
 
 
-def compare(paths: Sequence[str | Path], out: str | Path | None = None) -> tuple[list[dict[str, Any]], Path]:
-    """What ``attnzoo compare`` does: the rows of ``compare_runs`` and their bar chart, written to ``out`` (a new
-    file, never one that exists; default ``compare.png``, or ``compare-2.png``... when taken)."""
+def compare(paths: Sequence[str | Path], out: str | Path | None = None
+            ) -> tuple[list[dict[str, Any]], list[list[Row]], Path]:
+    """What ``attnzoo compare`` does: the rows of ``compare_runs`` (with their numbers over seeds), the
+    leaderboards of the runs that differ only in their seed, and the bar chart, written to ``out`` (a new file,
+    never one that exists; default ``compare.png``, or ``compare-2.png``... when taken)."""
     from ..runs.outputs import check_new_file, refuse_data_folder
     from . import figures
 
@@ -120,5 +128,6 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None) -> tuple
         check_new_file(out)
         refuse_data_folder(out)
     rows = compare_runs(paths)
+    boards = with_seeds(rows, paths)
     written = figures.save_new_figure(compare_figure(rows), out or Path("compare.png"), fresh=out is None)
-    return rows, written
+    return rows, boards, written

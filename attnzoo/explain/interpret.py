@@ -90,15 +90,12 @@ def fit_plots(learn: Any, run: Run, out: str | Path, rows: Sequence[dict[str, fl
     from fastai.torch_core import get_model
 
     out = Path(out)
-    written = []
-    if rows:
-        written.append(figures.save_figure(history_figure(rows), out / PLOTS["history"]))
     model = get_model(learn.model).eval()
     with torch.no_grad():
         outputs = [(model(x).float(), y) for x, y in trust.valid_batches(learn)]
     logits, targets = torch.cat([o for o, _ in outputs]), torch.cat([y for _, y in outputs])
     cm = confusion_matrix(targets.tolist(), logits.argmax(-1).tolist(), len(run.classes))
-    written.append(figures.save_figure(confusion_figure(cm, run.classes), out / PLOTS["confusion"]))
+    written = list(_basic_plots(run, cm, out, rows).values())
     items = [Path(p) for p in learn.dls.valid.items]
     losses, idx = torch.nn.functional.cross_entropy(logits, targets, reduction="none").topk(min(n, len(items)))
     top_paths = [items[i] for i in idx.tolist()]
@@ -263,10 +260,12 @@ def _output_folder(run: Run, out: str | Path | None, data: str | Path | None) ->
     return Path(out)
 
 
-def _basic_plots(run: Run, cm: np.ndarray, out: Path) -> dict[str, Path]:
-    """The learning curves recorded in the run (when there are any) and the confusion matrix."""
+def _basic_plots(run: Run, cm: np.ndarray, out: Path, rows: Sequence[dict[str, float]] | None = None
+                 ) -> dict[str, Path]:
+    """The learning curves (``rows``, default those recorded in the run), when there are any, and the confusion
+    matrix."""
     files = {}
-    rows = (run.config.get("metrics") or {}).get("per_epoch") or []
+    rows = rows if rows is not None else (run.config.get("metrics") or {}).get("per_epoch") or []
     if rows:
         files["history"] = figures.save_figure(history_figure(rows), out / PLOTS["history"])
     files["confusion"] = figures.save_figure(confusion_figure(cm, run.classes), out / PLOTS["confusion"])

@@ -12,13 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from ..runs.folder import CONFIG
 from ..runs.outputs import replace, strict_json
 from ..runs.predict import Run
 from .metrics import flags
-from .page import CSS as _CSS
-from .page import facts_table as _facts_table
-from .page import figure as _figure
-from .page import table as _html_table
+from .page import facts_table, figure, page
+from .page import table as html_table
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -199,10 +198,10 @@ def _run_summary(run: Run) -> tuple[str, list[list[Any]]]:
 
 def _training_section(rows: Sequence[Mapping[str, Any]], files: Mapping[str, Path]) -> list[str]:
     """The learning curves, then every epoch's numbers as a table."""
-    parts = ["<h2>Training</h2>", _figure(files.get("history"), "learning curves")]
+    parts = ["<h2>Training</h2>", figure(files.get("history"), "learning curves")]
     if rows:
         epoch_keys = list(dict.fromkeys(k for r in rows for k in r))
-        parts.append(_html_table([k.replace("_", " ") + (" (s)" if k == "time" else "") for k in epoch_keys],
+        parts.append(html_table([k.replace("_", " ") + (" (s)" if k == "time" else "") for k in epoch_keys],
                                  [[_fmt(r.get(k, float("nan")), 1 if k == "time" else 4) for k in epoch_keys]
                                   for r in rows]))
     return parts
@@ -250,21 +249,21 @@ def _scores_section(result: Interpretation) -> list[str]:
         "pointing game below half of chance; "
         "<i>insensitive</i>, a rank correlation of 0.5 or more with the randomised model's map.</p>",
         score_table_html(result.table),
-        _figure(files.get("localization"), "localisation scores"),
-        _figure(files.get("deletion"), "deletion curves"),
-        _figure(files.get("insertion"), "insertion curves"),
+        figure(files.get("localization"), "localisation scores"),
+        figure(files.get("deletion"), "deletion curves"),
+        figure(files.get("insertion"), "insertion curves"),
     ]
 
 
 def _mistakes_section(result: Interpretation) -> list[str]:
     """The confusion matrix, the most confused pairs, and the images the model got most wrong."""
-    parts = ["<h2>Mistakes</h2>", _figure(result.files.get("confusion"), "confusion matrix")]
+    parts = ["<h2>Mistakes</h2>", figure(result.files.get("confusion"), "confusion matrix")]
     if result.confused:
         parts += ["<p>Most confused pairs:</p>",
-                  _html_table(["actual", "predicted", "images"], [list(c) for c in result.confused])]
+                  html_table(["actual", "predicted", "images"], [list(c) for c in result.confused])]
     parts += [
         "<p>The validation images the model got most wrong (highest loss), with their maps:</p>",
-        _figure(result.files.get("top_losses"), "top losses with attention maps"),
+        figure(result.files.get("top_losses"), "top losses with attention maps"),
     ]
     return parts
 
@@ -274,12 +273,10 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
     train it: configuration, learning curves, where the model looks, localisation, faithfulness, errors."""
     cfg = run.config
     path = Path(path)
-    name = run.path.name if run.path is not None else path.parent.name
+    name = run.name if run.path is not None else path.parent.name
     lead, facts = _run_summary(run)
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>attnzoo run report: {html.escape(name)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Run report: {html.escape(name)}</h1>", f'<p class="lead">{lead}</p>',
+        f'<p class="lead">{lead}</p>',
         '<div class="note"><b>How to read this page.</b> An <i>attention map</i> is where the model weighs the '
         "image most when it decides; attnzoo reads it straight from the attention module at each <i>site</i> "
         "(a layer of the backbone). A <i>CAM</i> (class activation map, e.g. Grad-CAM) is a post-hoc "
@@ -288,7 +285,7 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
         "that is where the object is (when object boxes are known), whether the prediction really rests on "
         "the attended pixels, and which classes get mixed up.</div>",
         "<h2>In short</h2><ul>" + "".join(f"<li>{f}</li>" for f in findings(run, result)) + "</ul>",
-        "<h2>The run</h2>", _facts_table(facts),
+        "<h2>The run</h2>", facts_table(facts),
         *_training_section(_epochs(cfg), result.files),
         "<h2>Where the model looks</h2>",
         "<p>One row per validation image: the image as the model sees it, then each site's attention map "
@@ -297,16 +294,16 @@ def write_report(run: Run, result: Interpretation, path: str | Path) -> Path:
         "&#10003; title means the prediction is right, a red &#10007; wrong, with the probability the model "
         "gives its prediction. The white rectangle, when shown, is the object's box. Each map is scaled to its "
         "own range, so compare where maps are high, not their colours.</p>",
-        _figure(result.files.get("attention"), "attention maps and Grad-CAM on validation images"),
+        figure(result.files.get("attention"), "attention maps and Grad-CAM on validation images"),
         *_scores_section(result),
         *_mistakes_section(result),
         "<h2>Configuration</h2>",
-        f"<details><summary>attnzoo.json</summary><pre>{html.escape(json.dumps(cfg, indent=2, default=str))}"
+        f"<details><summary>{CONFIG}</summary><pre>{html.escape(json.dumps(cfg, indent=2, default=str))}"
         "</pre></details>",
-        '<p class="muted">Written by <code>attnzoo interpret</code>.</p></body></html>',
     ]
+    text = page(f"Run report: {name}", parts, "Written by attnzoo interpret.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    replace(path, lambda tmp: tmp.write_text("\n".join(p for p in parts if p), encoding="utf-8"))
+    replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
 

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..runs.outputs import strict_json
+
 BASELINE = "none"
 LEVEL = 0.95
 BETTER, NO_EVIDENCE, WORSE = "better", "no evidence", "worse"
@@ -130,8 +132,7 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         """Strict JSON: NaN is null."""
-        return {k: None if isinstance(v, float) and math.isnan(v) else list(v) if isinstance(v, tuple) else v
-                for k, v in asdict(self).items()}
+        return strict_json(asdict(self))
 
 
 def leaderboard(results: Sequence[Mapping[str, Any]], baseline: str = BASELINE, paired: bool = True) -> list[Row]:

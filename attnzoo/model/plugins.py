@@ -51,7 +51,7 @@ from contextlib import redirect_stdout
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AttnzooError
+from ..errors import AttnzooError, first_line
 from . import registry
 
 if TYPE_CHECKING:
@@ -120,11 +120,6 @@ def time_limit() -> float:
         raise AttnzooError(f"ATTNZOO_PLUGIN_TIMEOUT must be a number of seconds above 0 and at most {most:g}, "
                            f"got '{value}'")
     return limit
-
-
-def _describe(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _check_api(ep: EntryPoint, obj: Any) -> None:
@@ -458,7 +453,7 @@ class PluginManager:
         if error is not None:
             if _flag("ATTNZOO_RAISE_PLUGIN_ERRORS"):
                 raise error
-            d.failures.append(f"{ep.name} ({ep.value}): {_describe(error)}")
+            d.failures.append(f"{ep.name} ({ep.value}): {first_line(error, named=True, limit=10_000)}")
         if error is not None or d.blocked:
             return
         for name, spec in provided.items():

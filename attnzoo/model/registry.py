@@ -6,7 +6,7 @@ An entry is a module class plus what a program needs to know about it: its kind 
 file does not import torch, so ``attnzoo --help`` stays fast.
 
 The registry is a store: it never imports plugins. A name it does not hold is asked of a finder
-(``set_finder``; ``attnzoo.plugins`` installs its plugin manager), which puts what provides the name
+(``set_finder``; ``attnzoo.model.plugins`` installs its plugin manager), which puts what provides the name
 into the store.
 """
 
@@ -105,7 +105,7 @@ _capture = threading.local()
 
 
 class Finder(Protocol):
-    """Supplies the names the store does not hold (``attnzoo.plugins.PluginManager``)."""
+    """Supplies the names the store does not hold (``attnzoo.model.plugins.PluginManager``)."""
 
     def find(self, name: str) -> AttentionSpec | None:
         """Make ``name`` known (it may add entries to the store) and return its spec, or None."""

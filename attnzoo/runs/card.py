@@ -79,7 +79,7 @@ def _summary(record: Mapping[str, Any], config: Mapping[str, Any], repo_id: str)
     attn, sites = record.get("attn") or "none", list(record.get("sites") or [])
     accuracy = config["attnzoo"]["metrics"].get("accuracy")
     epochs = len((record.get("metrics") or {}).get("per_epoch") or [])
-    size = record["img_size"]
+    size, colour = record["img_size"], "grey" if len(record["mean"]) == 1 else "RGB"
     start = config["attnzoo"]["base_model"] or ("pretrained weights from a local file" if record.get("pretrained")
                                    else "random initialisation")
     what = f"**{attn}** attention at {', '.join(f'`{s}`' for s in sites)}" if sites else "no attention (baseline)"
@@ -92,7 +92,7 @@ def _summary(record: Mapping[str, Any], config: Mapping[str, Any], repo_id: str)
              f"| attention module | `{attn}`, options `{dict(record.get('attn_options') or {})}` |",
              f"| sites | {', '.join(sites) or '-'} |",
              f"| classes | {', '.join(map(str, record['classes']))} |",
-             f"| input | {size} x {size} RGB, squashed (bilinear, no crop), mean {list(record['mean'])}, "
+             f"| input | {size} x {size} {colour}, squashed (bilinear, no crop), mean {list(record['mean'])}, "
              f"std {list(record['std'])} |",
              f"| started from | {start} |"]
     if epochs:

@@ -11,7 +11,7 @@ is written, the export is run on inputs of other batch sizes than the one it was
 for ONNX, the reloaded program for pt2) and compared with PyTorch; an export whose outputs differ by more
 than the tolerance is refused. The classes and the preprocessing (input size, mean/std, squash resize)
 travel in the file: ONNX metadata properties, or ``attnzoo.json`` among the pt2 archive's extra files.
-A file is never written over (``attnzoo.outputs``).
+A file is never written over (``attnzoo.runs.outputs``).
 """
 
 from __future__ import annotations

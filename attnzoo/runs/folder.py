@@ -59,7 +59,6 @@ PLOTS = {
 # skipped.txt (file names of the data) or the data; the plots are figures attnzoo made
 HUB_FILES = (HUB_CONFIG, WEIGHTS, MODEL_CARD, *PLOTS.values())
 FORMAT_VERSION = 1
-STATUSES = ("training", "interrupted", "failed", "done")
 # temporary files in a run folder: attnzoo's ".NAME.XXXXXXXX.tmp" (outputs.write_temporary), and ".tmpXXXXXX",
 # where safetensors writes a file before renaming it onto attnzoo's
 _TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|\.tmp[A-Za-z0-9]{6}")
@@ -84,22 +83,24 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
-class _Strict(BaseModel):
-    # strict: "32" is not an image size and 1 is not True; extra: a newer attnzoo's fields are kept, not refused
+class Strict(BaseModel):
+    """attnzoo's JSON files: strict ("32" is not an image size and 1 is not True), and a newer attnzoo's fields
+    kept, not refused."""
+
     model_config = ConfigDict(strict=True, extra="allow")
 
 
-class SkippedFile(_Strict):
+class SkippedFile(Strict):
     path: str
     reason: str
 
 
-class Metrics(_Strict):
+class Metrics(Strict):
     per_epoch: list[dict[str, float]] = Field(default_factory=list)  # epoch, losses, metrics, seconds
     final: dict[str, float] = Field(default_factory=dict)
 
 
-class Best(_Strict):
+class Best(Strict):
     """The epoch with the best monitored score, and the file holding its weights."""
 
     epoch: int = Field(ge=1)
@@ -108,7 +109,7 @@ class Best(_Strict):
     weights: Literal["model.safetensors", "checkpoints/best.safetensors"] | None = None
 
 
-class MapVerdict(_Strict):
+class MapVerdict(Strict):
     """One attention map's record (``explain.trust``): its share of the decision, and with boxes its pointing."""
 
     share: float | None = None
@@ -130,7 +131,7 @@ def _request_model() -> type[BaseModel]:
     return create_model("Request", __base__=_Lenient, **specs)
 
 
-class Shared(_Strict):
+class Shared(Strict):
     """Where the run was last pushed (``attnzoo push``): the license and repo its model card names again."""
 
     repo_id: str
@@ -148,7 +149,7 @@ class _Lenient(BaseModel):
 Request = _request_model()
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     """``attnzoo.json``: every field attnzoo writes, with its type; its bounds are ``fit``'s."""
 
     format: int = Field(FORMAT_VERSION, ge=1)
@@ -553,6 +554,11 @@ class RunFolder:
         """(Re)write ``attnzoo.json`` with the format version and package versions."""
         self.record = {"format": FORMAT_VERSION, **record, "versions": versions()}
         replace_text(self.path / CONFIG, json.dumps(self.record, indent=2, default=str))  # \udcXX for non-UTF-8
+
+
+def path_label(name: str | None) -> str:
+    """An attention module's name as part of a folder name: a plugin's qualified ``dist:name`` holds no ':'."""
+    return (name or "none").replace(":", "_")
 
 
 def is_run_folder(path: str | os.PathLike) -> bool:

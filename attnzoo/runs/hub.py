@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from ..errors import AttnzooError
+from ..errors import AttnzooError, first_line
 from ..train.settings import TIMM_KEYWORDS
 from .card import model_card
 from .folder import (
@@ -44,6 +44,7 @@ from .folder import (
     WEIGHTS,
     MapVerdict,
     RunFolder,
+    Strict,
     check_against,
     check_config,
     read_json,
@@ -93,7 +94,7 @@ def split_repo(name: str) -> tuple[str, str | None]:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise AttnzooError(f"{name}: not a Hub repo id ({str(e).splitlines()[0]}); write hf-hub:ORG/NAME") from None
+        raise AttnzooError(f"{name}: not a Hub repo id ({first_line(e)}); write hf-hub:ORG/NAME") from None
     if "/" not in repo_id:
         raise AttnzooError(f"{name}: a Hub model repo is named ORG/NAME (or USER/NAME)")
     return repo_id, revision or None
@@ -144,8 +145,7 @@ def download(name: str) -> Path:
         raise AttnzooError(f"{name}: no such model repo on the Hub, or it is private or gated and your token "
                            f"cannot read it (log in with `hf auth login`)") from None
     except Exception as e:  # HfHubHTTPError, OSError, and the hub client's other network errors
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise AttnzooError(f"cannot download {name}: {first}") from e
+        raise AttnzooError(f"cannot download {name}: {first_line(e)}") from e
 
 
 def hub_weights(source: Source) -> Path:
@@ -162,20 +162,16 @@ def hub_weights(source: Source) -> Path:
 
 # --- config.json: one schema ---------------------------------------------------------------------------------
 
-class _Checked(BaseModel):
-    # as attnzoo.json: strict types, and a newer attnzoo's fields kept, not refused
-    model_config = ConfigDict(strict=True, extra="allow")
-
-
-class Preprocessing(_Checked):
-    """timm's ``pretrained_cfg``, the keys attnzoo reads: a square RGB input, squashed, then normalised."""
+class Preprocessing(Strict):
+    """timm's ``pretrained_cfg``, the keys attnzoo reads: a square RGB (or grey) input, squashed, then
+    normalised, one mean and std per channel."""
 
     input_size: list[int] = Field(min_length=3, max_length=3)
-    mean: list[float] = Field(min_length=3, max_length=3)
-    std: list[float] = Field(min_length=3, max_length=3)
+    mean: list[float] = Field(min_length=1, max_length=3)
+    std: list[float] = Field(min_length=1, max_length=3)
 
 
-class AttnzooBlock(_Checked):
+class AttnzooBlock(Strict):
     """``config.json``'s ``attnzoo`` block: what timm's keys cannot say."""
 
     format: int = Field(HUB_FORMAT, ge=1)
@@ -192,7 +188,7 @@ class AttnzooBlock(_Checked):
     versions: dict[str, str] = Field(default_factory=dict)
 
 
-class HubConfig(_Checked):
+class HubConfig(Strict):
     """``config.json``: timm's keys and the ``attnzoo`` block."""
 
     architecture: str = Field(min_length=1)

@@ -101,7 +101,7 @@ def is_own_figure(image: Any) -> bool:
     return str(getattr(image, "info", {}).get("Software", "")).startswith(OWN_MARK + " ")
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}  # read as data
 
 
 def check_writable(path: Path, what: str, hint: str = "") -> None:
@@ -130,7 +130,7 @@ def _user_images(folder: Path, limit: int = 20) -> list[Path]:
 
     found = []
     try:
-        entries = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        entries = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     except OSError:
         return []
     for image in entries:

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import AttnzooError
+from ..errors import AttnzooError, first_line
 from .folder import RunFolder
 from .hub import LICENSE, is_name, split_repo, uploads, write_face
 
@@ -86,7 +86,7 @@ def _hub_api(token: str | None) -> Any:
     try:
         api.whoami()
     except (HfHubHTTPError, OSError) as e:
-        raise AttnzooError(f"cannot push: the Hub refused the token ({_first_line(e)}); log in again with "
+        raise AttnzooError(f"cannot push: the Hub refused the token ({first_line(e)}); log in again with "
                            f"`hf auth login`") from None
     return api
 
@@ -103,7 +103,7 @@ def _check_repo(api: Any, repo_id: str, revision: str | None, add_commit: bool) 
             return
         held = [f for f in api.list_repo_files(repo_id) if f != ".gitattributes"]
     except (HfHubHTTPError, OSError) as e:
-        raise AttnzooError(f"cannot push to {repo_id}: {_first_line(e)}") from None
+        raise AttnzooError(f"cannot push to {repo_id}: {first_line(e)}") from None
     if held:
         shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
         raise AttnzooError(f"{repo_id} already exists and holds {len(held)} files ({shown}); add this run as a new "
@@ -126,11 +126,7 @@ def _upload(api: Any, folder: RunFolder, repo_id: str, files: list[str], *, priv
         info = api.create_commit(repo_id, operations, commit_message=f"attnzoo push of {folder.path.name}",
                                  revision=revision)
     except (HfHubHTTPError, OSError) as e:
-        raise AttnzooError(f"cannot push to {repo_id}: {_first_line(e)}") from None
+        raise AttnzooError(f"cannot push to {repo_id}: {first_line(e)}") from None
     commit = getattr(info, "oid", None)
     folder.update(hub=dict(repo_id=repo_id, license=license, revision=revision, url=url, commit=commit))
     return Pushed(repo_id, url, revision, commit, [name for name, _ in uploads(folder.path, files)])
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

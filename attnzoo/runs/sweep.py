@@ -27,7 +27,6 @@ import contextlib
 import csv
 import io
 import json
-import math
 import os
 import socket
 import threading
@@ -37,8 +36,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import AttnzooError, Interrupted, TrainingFailed, UnknownNameError
+from ..errors import AttnzooError, Interrupted, TrainingFailed, UnknownNameError, first_line
+from ..explain.stats import BASELINE
 from ..train.settings import DEFAULTS, MAX_LR, FitConfig, cli_settings
+from .outputs import strict_json
 
 JOURNAL = "study.journal"
 TRIALS = "trials"
@@ -46,7 +47,6 @@ LEADERBOARD_CSV, LEADERBOARD_JSON = "leaderboard.csv", "leaderboard.json"
 LEADERBOARD_PNG, LEADERBOARD_HTML = "leaderboard.png", "leaderboard.html"
 PLAN = "attnzoo_sweep"  # the study's user attribute holding the sweep's plan
 FORMAT = 1
-BASELINE = "none"
 # the fit settings a sweep spells its own way: the rest are taken as ``attnzoo fit`` takes them
 REDEFINED = ("backbone", "attn", "data", "at", "seed", "out", "resume", "lr")
 PER_PROCESS = ("threads", "num_workers")  # may differ between the processes of one sweep
@@ -72,7 +72,9 @@ class Config:
 
     @property
     def folder(self) -> str:
-        return self.name.replace(":", "_")  # a plugin's dist:name: no ':' in a path
+        from .folder import path_label
+
+        return path_label(self.name)
 
 
 @dataclass
@@ -285,8 +287,7 @@ def open_storage(where: str, must_exist: bool = False) -> Any:
                                                   **{stale: _requeue_stale})
         except Exception as e:
             shown = Place(where, "", Path()).shown()
-            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise AttnzooError(f"cannot open the storage {shown}: {detail}") from None
+            raise AttnzooError(f"cannot open the storage {shown}: {first_line(e, limit=200)}") from None
     path = Path(where)
     if must_exist and not path.is_file():
         raise AttnzooError(f"no sweep at {path} (no journal file there)")
@@ -477,19 +478,7 @@ def _me() -> dict[str, Any]:
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e) if isinstance(e, (AttnzooError, TrainingFailed)) else f"{type(e).__name__}: {e}"
-    return (text.strip().splitlines() or [type(e).__name__])[0][:300]
-
-
-def _finite(value: Any) -> Any:
-    """JSON the storage keeps: NaN as None."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    return first_line(e, named=not isinstance(e, (AttnzooError, TrainingFailed)))
 
 
 class Worker:
@@ -612,7 +601,7 @@ class Worker:
         """A finished run's numbers into the study (the leaderboard reads them there); its accuracy."""
         from ..explain.compare import run_result
 
-        result = _finite(run_result(path))
+        result = strict_json(run_result(path))
         trial.set_user_attr("result", {k: result[k] for k in RESULT_KEYS})
         if result["accuracy"] is None:
             raise TrainingFailed(f"{path} records no validation accuracy")
@@ -811,7 +800,7 @@ class Leaderboard:
         """Strict JSON (NaN is null): what leaderboard.json holds."""
         from ..explain.stats import LEVEL
 
-        return _finite(dict(
+        return strict_json(dict(
             study=self.place.study, storage=self.place.shown(), folder=str(self.folder), backbone=self.plan.backbone,
             data=self.plan.data, seeds=self.plan.seeds, lr=self.plan.to_json()["lr"], settings=self.plan.settings,
             baseline=BASELINE, level=LEVEL, paired=not self.plan.sampled, counts=self.counts(),

@@ -1,4 +1,5 @@
-"""Checkpoints, interruption and numerical faults during ``fit``: everything needed to lose nothing.
+"""Checkpoint files: everything needed to lose nothing of a run that stops (the callbacks that write them and
+that stop a run are in ``callbacks``).
 
     <run>/checkpoints/last.safetensors   after every epoch: model + optimiser state (tensors) and, in the
                                          safetensors metadata, the epoch, the history, the best score and
@@ -136,6 +137,3 @@ def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
     if missing or unexpected:
         raise AttnzooError(f"checkpoint does not fit the model: {len(missing)} missing, "
                            f"{len(unexpected)} unexpected tensors")
-
-
-# --- callbacks -------------------------------------------------------------------------------------------------

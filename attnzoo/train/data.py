@@ -6,7 +6,7 @@ Layouts (class names always come from folder names):
 - the Intel Image Classification download: ``seg_train/seg_train/<class>``, ``seg_test/seg_test/<class>``
   (``seg_pred`` has no labels and is ignored);
 - one folder of class subfolders, split at random (``valid_pct``, seeded);
-- ``demo``: the embedded synthetic set (``attnzoo.demo``), generated once into a cache folder.
+- ``demo``: the embedded synthetic set (``attnzoo.train.demo``), generated once into a cache folder.
 
 Images of any mode become RGB (``to_rgb``: 16-bit and float images are rescaled, transparency is flattened
 onto white, EXIF orientation is honoured); any size is squashed to ``img_size`` x ``img_size`` (squashing
@@ -33,9 +33,8 @@ from typing import Any
 
 from ..errors import AttnzooError
 from ..runs.folder import is_run_folder
-from ..runs.outputs import is_own_figure
+from ..runs.outputs import IMAGE_EXTENSIONS, is_own_figure
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 VALID_NAMES = ("valid", "val", "validation", "test")
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold; larger images are refused, never decoded
 SYSTEM_DIRS = {"__macosx", "__pycache__", "@eadir", "$recycle.bin", "system volume information", "lost+found"}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnzooError, Interrupted, TrainingFailed
-from ..runs.folder import CONFIG, LAST, SKIPPED, WEIGHTS, RunFolder, is_run_folder
+from ..runs.folder import CONFIG, LAST, SKIPPED, WEIGHTS, RunFolder, is_run_folder, path_label
 from . import callbacks as cb
 from . import distributed
 from .settings import FitConfig
@@ -101,7 +101,7 @@ def _claim(config: FitConfig) -> RunFolder:
         if config.out is not None:
             folder = RunFolder.claim(config.out)
         else:
-            label = (config.attn or "none").replace(":", "_")  # a plugin's dist:name: no ':' in a path
+            label = path_label(config.attn)
             stamp = time.strftime("%Y%m%d-%H%M%S")
             folder = RunFolder.claim_new(Path(config.runs_dir) / f"{config.backbone}-{label}-{stamp}")
     except AttnzooError as e:

@@ -76,8 +76,9 @@ def attention_learner(
     if compile:
         import torch._dynamo as dynamo  # (a plain `import torch._dynamo` would make `torch` local here)
 
-        # gates are modules in the graph (model.SiteModule), but NanGuard watches attention modules through forward
-        # hooks, and dynamo skips guards on hooks by default: keep them guarded, so no graph is reused across hooks
+        # gates are modules in the graph (model.create.SiteModule), but NanGuard watches attention modules through
+        # forward hooks, and dynamo skips guards on hooks by default: keep them guarded, so no graph is reused across
+        # hooks
         dynamo.config.skip_nnmodule_hook_guards = False
         model.compile()
     learn = Learner(dls, model, loss_func=loss_func or CrossEntropyLossFlat(), opt_func=opt_func, lr=lr,

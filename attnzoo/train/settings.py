@@ -262,6 +262,8 @@ def fit_command(request: Mapping[str, Any]) -> list[str]:
     args = ["attnzoo", "fit"]
     for f in fields(FitConfig):
         meta, value = f.metadata, request.get(f.name)
+        if f.name == "attn" and value is None:
+            value = "none"  # the baseline is asked for by name on the command line
         if not (meta["on_cli"] and meta["requested"]) or meta["on_resume"] or value is None:
             continue
         if value == DEFAULTS[f.name] and f.name not in REQUIRED:
