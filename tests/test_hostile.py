@@ -236,6 +236,23 @@ def test_a_lock_holding_an_impossible_pid_is_stale_and_taken_over(tmp_path):
     folder.unlock()
 
 
+def test_a_lock_whose_pid_now_names_another_process_is_stale_and_taken_over(tmp_path):
+    """A killed run's pid can be given to a new process: the lock names its process's start time too."""
+    from attnzoo.runs.folder import process_started
+
+    started = process_started(os.getpid())
+    if started is None:
+        pytest.skip("no /proc here: the start time is unknown")
+    (tmp_path / LOCK).write_text(f"{socket.gethostname()} {os.getpid()} {started + 1}")  # alive pid, another start
+    folder = RunFolder(tmp_path)
+    folder.lock()
+    assert (tmp_path / LOCK).read_text().split() == [socket.gethostname(), str(os.getpid()), str(started)]
+    folder.unlock()
+    (tmp_path / LOCK).write_text(f"{socket.gethostname()} {os.getpid()} {started}")  # the very same process: held
+    with pytest.raises(AttnzooError, match="another attnzoo fit"):
+        RunFolder(tmp_path).lock()
+
+
 def test_a_lock_that_is_a_folder_is_one_line_saying_what_to_do(tmp_path):
     (tmp_path / LOCK).mkdir()
     with pytest.raises(AttnzooError, match="not attnzoo's lock file.*remove it"):

@@ -12,7 +12,7 @@ never a pickle; no torch at import (the weights are written through safetensors 
     checkpoints/best.safetensors  the best epoch's weights, unless they are model.safetensors
     config.json, README.md        the Hub face of a finished run (``runs.hub``)
     *.png, report.html            plots; ``attention/`` show-attention's figures
-    .attnzoo-lock                 "host pid" of the process that claimed the folder and trains in it, while it does
+    .attnzoo-lock                 "host pid start-time" of the process that claimed the folder and trains in it
 
 Every file is written to a temporary name and renamed into place (``outputs.replace``): a crash never leaves
 half a file, and the mode follows the umask.
@@ -305,10 +305,10 @@ class RunFolder:
     ``RunConfig``, the run's status moved by ``start`` -> ``failed`` | ``interrupted`` | ``finished``, each file
     written atomically. ``record`` is the run's ``attnzoo.json`` as this process last wrote or read it.
 
-    One exclusive file, ``LOCK`` (this host and pid), makes a folder this process's: it is created when a new run
+    One exclusive file, ``LOCK`` (this host, pid and process start time), makes a folder this process's: it is created when a new run
     claims the folder (two runs claiming one at once: exactly one gets it) or when a run is resumed, and removed
-    when training ends. A lock left by a process of this host that is gone (killed) is stale and taken over; one
-    from another host is trusted."""
+    when training ends. A lock left by a process of this host that is gone (killed), or whose pid a new
+    process has since been given, is stale and taken over; one from another host is trusted."""
 
     def __init__(self, path: str | os.PathLike, record: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
@@ -393,7 +393,8 @@ class RunFolder:
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}")
+            started = process_started(os.getpid())
+            f.write(f"{socket.gethostname()} {os.getpid()}" + (f" {started}" if started is not None else ""))
         self._locked = True
         return True
 
@@ -410,9 +411,10 @@ class RunFolder:
             if lock.is_dir() or not lock.is_file():
                 kind = "folder" if lock.is_dir() else "special file"
                 raise AttnzooError(f"{lock} is not attnzoo's lock file (a {kind}); remove it, then run again")
-            host, pid = ([*lock.read_text(errors="replace").split(), "?", "0"])[:2]
-            if host == socket.gethostname() and (not pid.isdigit() or not process_alive(int(pid))):
-                lock.unlink(missing_ok=True)  # its process is gone: a killed run's lock
+            host, pid, started = [*lock.read_text(errors="replace").split(), "?", "0", ""][:3]
+            started = int(started) if started.isdigit() else None  # absent without /proc, and from older locks
+            if host == socket.gethostname() and (not pid.isdigit() or not process_alive(int(pid), started)):
+                lock.unlink(missing_ok=True)  # a killed run's: its process is gone, or its pid is another's now
                 continue
             raise AttnzooError(f"another attnzoo fit (pid {pid[:20]} on {host[:60]}) is training in {self.path}; wait "
                                f"for it to end (if none is running, delete {lock})")
