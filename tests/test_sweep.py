@@ -224,7 +224,7 @@ def test_compare_gives_the_same_statistics_for_runs_that_differ_only_in_their_se
 
 @pytest.mark.parametrize("args, message", [
     (["--attn", "sagan,sagn"], "unknown attention module 'sagn'; did you mean 'sagan'"),
-    (["--attn", "sagan", "--seeds", "0"], "--seeds must be from 1"),
+    (["--attn", "sagan", "--seeds", "0"], "--seeds must be at least 1"),
     (["--attn", "sagan", "--storage", "sqlite:////no/such/folder/x.db"], "cannot open the storage"),
     (["--attn", "sagan", "--lr", "0.1..0.01"], "--lr range"),
     (["--attn", "sagan", "--prune"], "--prune needs --lr LOW..HIGH"),

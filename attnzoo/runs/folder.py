@@ -305,10 +305,10 @@ class RunFolder:
     ``RunConfig``, the run's status moved by ``start`` -> ``failed`` | ``interrupted`` | ``finished``, each file
     written atomically. ``record`` is the run's ``attnzoo.json`` as this process last wrote or read it.
 
-    One exclusive file, ``LOCK`` (this host, pid and process start time), makes a folder this process's: it is created when a new run
-    claims the folder (two runs claiming one at once: exactly one gets it) or when a run is resumed, and removed
-    when training ends. A lock left by a process of this host that is gone (killed), or whose pid a new
-    process has since been given, is stale and taken over; one from another host is trusted."""
+    One exclusive file, ``LOCK`` (this host, pid and process start time), makes a folder this process's: it is
+    created when a new run claims the folder (two runs claiming one at once: exactly one gets it) or when a run is
+    resumed, and removed when training ends. A lock left by a process of this host that is gone (killed), or whose
+    pid a new process has since been given, is stale and taken over; one from another host is trusted."""
 
     def __init__(self, path: str | os.PathLike, record: dict[str, Any] | None = None) -> None:
         self.path = Path(path)

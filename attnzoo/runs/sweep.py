@@ -38,7 +38,7 @@ from typing import Any
 
 from ..errors import AttnzooError, Interrupted, TrainingFailed, UnknownNameError, first_line
 from ..explain.stats import BASELINE
-from ..train.settings import DEFAULTS, MAX_LR, FitConfig, cli_settings
+from ..train.settings import DEFAULTS, MAX_LR, FitConfig, cli_settings, whole_number
 from .outputs import strict_json
 
 JOURNAL = "study.journal"
@@ -156,33 +156,22 @@ def parse_lr(lr: Any) -> float | str | tuple[float, float]:
     return lr if lr is not None else DEFAULTS["lr"]  # checked with the other fit settings
 
 
-def _whole(value: Any, name: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            value = int(str(value))
-        except ValueError:
-            raise AttnzooError(f"--{name} must be a whole number, got {value!r}") from None
-    if not low <= value <= high:
-        raise AttnzooError(f"--{name} must be from {low} to {high}, got {value}")
-    return value
-
-
 def check(backbone: str | None = None, data: str | None = None, attn: str | Sequence[str] | None = None, *,
           at: str | Sequence[str] | None = None, seeds: int | None = None, lr: Any = None, prune: bool | None = None,
           jobs: int | None = None, out: str | os.PathLike | None = None, storage: str | None = None,
           study: str | None = None, join: str | None = None, **settings: Any) -> Asked:
     """Every check of a sweep command that needs neither torch, timm nor optuna, in the order a user reads it."""
-    from ..train.threads import cpu_budget
+    from ..train.threads import check_threads, cpu_budget
 
     unknown = sorted(set(settings) - set(settings_names()))
     if unknown:
         raise AttnzooError(f"sweep takes no setting {', '.join(unknown)}")
     settings = {k: v for k, v in settings.items() if v is not None}
     per_process = {k: settings.pop(k) for k in PER_PROCESS if k in settings}
-    jobs = _whole(1 if jobs is None else jobs, "jobs", 1, cpu_budget())
-    threads = per_process.get("threads")
+    jobs = whole_number(1 if jobs is None else jobs, "--jobs", 1, cpu_budget(), "the CPUs this process may use")
+    threads = check_threads(per_process.get("threads"))
     if jobs > 1 and threads not in (None, "auto"):
-        if _whole(threads, "threads", 1, cpu_budget()) * jobs > cpu_budget():
+        if threads * jobs > cpu_budget():
             raise AttnzooError(f"--threads {threads} x --jobs {jobs} is more threads than the {cpu_budget()} CPUs "
                                f"this process may use; give --threads {cpu_budget() // jobs} or fewer jobs")
     elif jobs > 1:
@@ -199,7 +188,7 @@ def check(backbone: str | None = None, data: str | None = None, attn: str | Sequ
     if missing:
         raise AttnzooError(f"sweep needs {', '.join(missing)} (or --join DIR|URL)")
     modules = list(dict.fromkeys(m for m in _split(attn) if m != BASELINE))  # their names: checked in prepare
-    n_seeds = _whole(3 if seeds is None else seeds, "seeds", 1, MAX_SEEDS)
+    n_seeds = whole_number(3 if seeds is None else seeds, "--seeds", 1, MAX_SEEDS)
     lr = parse_lr(lr)
     if prune and not isinstance(lr, tuple):
         raise AttnzooError("--prune needs --lr LOW..HIGH: pruning the seeded grid would bias its means (a pruned "

@@ -52,6 +52,18 @@ def setting(default: Any = MISSING, help: str = "", *, flag: str | None = None, 
     return field(default=default, metadata=meta)
 
 
+def whole_number(value: Any, label: str, low: int, high: int, why: str = "") -> int:
+    """``value`` as an int when it is a whole number in ``[low, high]``, else one line naming ``label``; ``why``
+    says where the upper bound comes from. Also the sweep's own settings (``--seeds``, ``--jobs``)."""
+    if not _whole_number(value):
+        raise AttnzooError(f"{label} must be a whole number, got {value!r}")
+    if value < low:
+        raise AttnzooError(f"{label} must be at least {low}, got {value}")
+    if value > high:
+        raise AttnzooError(f"{label} must be at most {high}{f' ({why})' if why else ''}, got {value}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class FitConfig:
     """What ``fit`` trains, and where the run folder goes. Constructing one checks every value.
@@ -195,15 +207,7 @@ class FitConfig:
         self._check_paths()
 
     def _whole(self, name: str, low: int, high: int, why: str = "", label: str = "") -> None:
-        """``name`` must be a whole number in ``[low, high]``; ``why`` says where the upper bound comes from."""
-        label, value = label or name, getattr(self, name)
-        if not _whole_number(value):
-            raise AttnzooError(f"{label} must be a whole number, got {value!r}")
-        if value < low:
-            raise AttnzooError(f"{label} must be at least {low}, got {value}")
-        if value > high:
-            raise AttnzooError(f"{label} must be at most {high}{f' ({why})' if why else ''}, got {value}")
-        object.__setattr__(self, name, int(value))
+        object.__setattr__(self, name, whole_number(getattr(self, name), label or name, low, high, why))
 
     def _check_paths(self) -> None:
         if self.weights is not None and not Path(self.weights).is_file():
