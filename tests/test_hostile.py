@@ -253,6 +253,17 @@ def test_a_lock_whose_pid_now_names_another_process_is_stale_and_taken_over(tmp_
         RunFolder(tmp_path).lock()
 
 
+def test_a_new_run_takes_over_a_folder_holding_only_a_killed_claims_lock(tmp_path):
+    """A fit killed between claiming its folder and writing attnzoo.json leaves only its lock: the folder is free."""
+    (tmp_path / LOCK).write_text(f"{socket.gethostname()} {10**30}")
+    folder = RunFolder.claim(tmp_path)
+    assert (tmp_path / LOCK).read_text().split()[1] == str(os.getpid())
+    folder.release()
+    (tmp_path / LOCK).write_text(f"{socket.gethostname()} {os.getpid()}")  # a live claim: still refused
+    with pytest.raises(AttnzooError, match="being claimed by another attnzoo fit"):
+        RunFolder.claim(tmp_path)
+
+
 def test_a_lock_that_is_a_folder_is_one_line_saying_what_to_do(tmp_path):
     (tmp_path / LOCK).mkdir()
     with pytest.raises(AttnzooError, match="not attnzoo's lock file.*remove it"):

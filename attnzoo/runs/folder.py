@@ -334,6 +334,10 @@ class RunFolder:
             raise AttnzooError(f"{folder.path} is a file, not a folder; choose another folder")
         if folder._take(new_only=False):
             return folder
+        if folder._stale_lock() and not (folder.path / CONFIG).exists():  # a claim killed before its run started
+            (folder.path / LOCK).unlink(missing_ok=True)
+            if folder._take(new_only=False):
+                return folder
         if (folder.path / LOCK).exists() and not (folder.path / CONFIG).exists():
             raise AttnzooError(f"{folder.path} is being claimed by another attnzoo fit; choose another folder "
                                f"(if none is running, delete {folder.path / LOCK})")
@@ -411,14 +415,22 @@ class RunFolder:
             if lock.is_dir() or not lock.is_file():
                 kind = "folder" if lock.is_dir() else "special file"
                 raise AttnzooError(f"{lock} is not attnzoo's lock file (a {kind}); remove it, then run again")
-            host, pid, started = [*lock.read_text(errors="replace").split(), "?", "0", ""][:3]
-            started = int(started) if started.isdigit() else None  # absent without /proc, and from older locks
-            if host == socket.gethostname() and (not pid.isdigit() or not process_alive(int(pid), started)):
-                lock.unlink(missing_ok=True)  # a killed run's: its process is gone, or its pid is another's now
+            if self._stale_lock():
+                lock.unlink(missing_ok=True)
                 continue
+            host, pid = [*lock.read_text(errors="replace").split(), "?", "0"][:2]
             raise AttnzooError(f"another attnzoo fit (pid {pid[:20]} on {host[:60]}) is training in {self.path}; wait "
                                f"for it to end (if none is running, delete {lock})")
         raise AttnzooError(f"cannot take {lock}: another process keeps taking it")
+
+    def _stale_lock(self) -> bool:
+        """Whether ``LOCK`` is a killed run's: its process, of this host, is gone or its pid is another's now."""
+        try:
+            host, pid, started = [*(self.path / LOCK).read_text(errors="replace").split(), "?", "0", ""][:3]
+        except OSError:  # none, a folder, unreadable: not a stale lock to take over
+            return False
+        started = int(started) if started.isdigit() else None  # absent without /proc, and from older locks
+        return host == socket.gethostname() and (not pid.isdigit() or not process_alive(int(pid), started))
 
     def unlock(self) -> None:
         """Training in this folder has ended (done, failed or interrupted)."""
