@@ -192,6 +192,18 @@ def test_figure_commands_refuse_a_class_folder_as_their_output(capsys, tmp_path,
     assert not list((data / "train" / "red").glob("*-2.png")) and not (data / "valid" / "red" / "report").exists()
 
 
+def test_figure_commands_refuse_an_output_inside_the_runs_data_folder(capsys, tiny_run, tiny_folder):
+    """Not a class folder yet, but a new folder of images at the data's top would be read as a class next time."""
+    image = next((tiny_folder / "valid" / "red").iterdir())
+    inside = tiny_folder / "figures-here"
+    for command in (["show-attention", str(image), "--run", str(tiny_run), "--out", str(inside)],
+                    ["compare", str(tiny_run), "--out", str(inside / "c.png")],
+                    ["interpret", str(tiny_run), "--out", str(inside / "report")]):
+        code, _, err = run_cli(capsys, *command)
+        assert one_line(code, err) and "inside the run's data folder" in err, (command, err)
+    assert not inside.exists()
+
+
 def test_hidden_and_system_folders_inside_class_folders_are_named(tmp_path):
     data = make_folder(tmp_path / "data", n=4, size=16)
     for hidden in (data / "train" / "__MACOSX" / "red", data / "train" / "red" / ".ipynb_checkpoints"):

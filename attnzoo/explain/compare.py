@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnzooError
-from ..runs.folder import CONFIG, WEIGHTS, RunFolder, parameter_count
+from ..runs.folder import CONFIG, WEIGHTS, RunFolder, parameter_count, recorded_data_root
 from .charts import bar_figure
 from .report import best_map, score_table, time_per_epoch
 from .stats import Row, config_name, decisive_map, leaderboard
@@ -128,6 +128,8 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None
         check_new_file(out)
         refuse_data_folder(out)
     rows = compare_runs(paths)
+    for p in paths if out is not None else ():
+        refuse_data_folder(out, recorded_data_root(RunFolder(p).read_config()))
     boards = with_seeds(rows, paths)
     written = figures.save_new_figure(compare_figure(rows), out or Path("compare.png"), fresh=out is None)
     return rows, boards, written

@@ -23,6 +23,7 @@ def show_attention(run: Run | str | Path, images: Sequence[str | Path], out: str
     Hub download lives in the Hub's cache). No file is written over:
     see ``outputs.per_image_outputs``. ``threads``: as ``fit``'s. Returns ``(image, top predictions, file
     written)`` per image."""
+    from ..runs.folder import recorded_data_root
     from ..runs.outputs import existing_files, per_image_outputs, refuse_data_folder
     from ..train.threads import use_threads
 
@@ -39,6 +40,8 @@ def show_attention(run: Run | str | Path, images: Sequence[str | Path], out: str
     use_threads(threads)
     if not isinstance(run, Run):
         run = load_run(run)
+    if out is not None:
+        refuse_data_folder(out, recorded_data_root(run.config))
     probs, maps = run.predict(images)
     maps = trust.ordered(maps, run.config.get("maps"))  # the map that carries the decision first, labelled
     tops = run.top(probs, top)

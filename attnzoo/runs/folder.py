@@ -243,6 +243,13 @@ def read_json(path: Path) -> Any:
         raise AttnzooError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+def recorded_data_root(record: Mapping[str, Any] | None) -> Path | None:
+    """The data folder a run's ``attnzoo.json`` records, where it names one absolutely (a relative one is relative
+    to a folder the run does not record, and the demo's name is attnzoo's cache): where no output may go."""
+    root = ((record or {}).get("data") or {}).get("root")
+    return Path(root) if isinstance(root, str) and os.path.isabs(root) else None
+
+
 def weights_header(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """A safetensors file's header (tensor name -> dtype, shape), read without torch and without the tensors."""
     path = Path(path)

@@ -103,7 +103,7 @@ class FitConfig:
     threads: int | str | None = setting(
         None, "Torch CPU threads: a number, or 'auto' for the cores no other job is using, measured again every "
               "epoch (one thread on a busy 2-core machine).", cli=str, cli_default="auto", on_resume=True)
-    out: str | None = setting(None, "Run folder (default runs/<backbone>-<attn>-<time>); must not exist yet.",
+    out: str | None = setting(None, "Run folder (default runs/<backbone>-<attn>-<time>); a new or empty folder.",
                               cli=Path | None, requested=False)
     checkpoints: bool = setting(True, "Keep checkpoints/last and checkpoints/best up to date after every epoch "
                                       "(needed for --resume).")
