@@ -405,3 +405,23 @@ def test_auto_site_sets_are_the_defaults_one_level_shallower_and_one_deeper(tiny
         "lpa-pc@layer1+layer2+layer3", "lpa-pc@layer1+layer2", "lpa-pc@layer2+layer3+layer4"]  # no level 0: the stem
     asked = check("test_resnet", str(tiny_folder), "sagan", at=["layer2", "layer3,layer4"], img_size=32, out="unused")
     assert [c.sites for c in resolve_configs(asked)] == [(), ("layer2",), ("layer3", "layer4")]
+
+
+def test_the_leaderboard_chart_shows_a_front_of_one_point_and_counts_the_seeds():
+    """The front of a sweep where the baseline wins is that one point: it must still be drawn, not a legend alone."""
+    from attnzoo.explain.charts import leaderboard_figure
+    from attnzoo.explain.stats import Row
+
+    def row(config, acc, params, verdict, pareto, diff=math.nan):
+        return Row(config, 3, 0, 0, 0, acc, 0.01, 0.3, 0.01, None, math.nan, math.nan, params, 30.0, pairs=3,
+                   difference=diff, low=diff - 0.02, high=diff + 0.02, verdict=verdict, pareto=pareto)
+
+    fig = leaderboard_figure([row("none", 0.92, 11.18e6, "baseline", True),
+                              row("sagan@layer3", 0.91, 11.26e6, "no evidence", False, -0.01)])
+    left, right = fig.axes
+    front = [line for line in right.get_lines() if line.get_label().startswith("Pareto front")]
+    assert len(front) == 1 and list(front[0].get_xdata()) == [11.18e6] and front[0].get_marker() not in (None, "None")
+    assert "3 seeds" in left.get_xlabel()
+    fig.canvas.draw()
+    labels = [t.get_text() for t in right.get_xticklabels() if t.get_text()]
+    assert labels and all(t.endswith("M") for t in labels) and len(set(labels)) == len(labels), labels

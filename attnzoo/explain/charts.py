@@ -133,10 +133,16 @@ def localization_figure(localization: Mapping[str, Any]) -> Any:
 VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "no evidence": "tab:grey", "baseline": "black"}
 
 
+def _millions(value: float, _pos: Any = None) -> str:
+    return f"{value / 1e6:.4g}M" if value >= 1e5 else f"{value:.0f}"
+
+
 def leaderboard_figure(rows: Sequence[Any], paired: bool = True) -> Any:
     """Left: each configuration's accuracy against the baseline, paired by seed, with its 95% interval (the
     verdict's picture; without pairs, the mean accuracy ± std over seeds). Right: mean accuracy against
     parameters, the Pareto front drawn through its configurations."""
+    from matplotlib import ticker
+
     height = max(3.4, 1.3 + 0.32 * len(rows))
     fig = figures.new_figure(11.0, height)
     left = fig.add_axes((0.24, 0.75 / height, 0.33, 1 - 1.2 / height))
@@ -145,7 +151,9 @@ def leaderboard_figure(rows: Sequence[Any], paired: bool = True) -> Any:
     for y, r in zip(ys, rows):
         colour = VERDICT_COLOURS.get(r.verdict, "tab:blue")
         if paired:
-            if not np.isnan(r.difference):
+            if r.verdict == "baseline":
+                left.annotate("baseline", (0, y), xytext=(4, -3), textcoords="offset points", fontsize=7)
+            elif not np.isnan(r.difference):
                 err = None if np.isnan(r.low) else [[r.difference - r.low], [r.high - r.difference]]
                 left.errorbar(r.difference, y, xerr=err, fmt="o", color=colour, capsize=3, ms=5)
         elif not np.isnan(r.accuracy):
@@ -153,7 +161,9 @@ def leaderboard_figure(rows: Sequence[Any], paired: bool = True) -> Any:
                           color="tab:blue", capsize=3, ms=5)
     if paired:
         left.axvline(0, color="black", lw=1)
-        left.set_xlabel("accuracy minus none's, paired by seed (95% interval)")
+        pairs = sorted({r.pairs for r in rows if r.pairs})
+        n = f"{pairs[0]} seeds" if len(pairs) == 1 else "seeds: see the table"
+        left.set_xlabel(f"accuracy minus none's, paired by seed (95% interval, {n})")
     else:
         left.set_xlabel("validation accuracy, mean ± std over trials")
     left.set_yticks(ys, names, fontsize=8)
@@ -167,11 +177,13 @@ def leaderboard_figure(rows: Sequence[Any], paired: bool = True) -> Any:
                        color=VERDICT_COLOURS.get(r.verdict, "tab:blue"), alpha=0.9 if r.pareto else 0.45)
         right.annotate(r.config, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     front = sorted((x, y) for x, y, r in pts if r.pareto)
-    if front:
-        right.plot(*zip(*front), "--", color="tab:orange", lw=1, label="Pareto front")
+    if front:  # a ring on each point of the front (one point is a front too), a line through them
+        right.plot(*zip(*front), "--o", color="tab:orange", lw=1, ms=11, mfc="none", label="Pareto front (★)")
         right.legend(fontsize=8, loc="lower right")
     if pts and max(x for x, _, _ in pts) > 10 * min(x for x, _, _ in pts):
         right.set_xscale("log")
+    right.xaxis.set_major_formatter(ticker.FuncFormatter(_millions))
+    right.xaxis.set_minor_formatter(ticker.NullFormatter())
     right.set_xlabel("parameters")
     right.set_ylabel("validation accuracy")
     right.grid(alpha=0.3)
