@@ -248,7 +248,10 @@ def sweep(
                                                 "than the seed). Default: fit's.")] = None,
     prune: Annotated[bool, typer.Option("--prune", help="Stop hopeless trials after an epoch (Optuna's median "
                                                         "pruner); only with --lr LOW..HIGH.")] = False,
-    jobs: Annotated[int, typer.Option(help="Worker processes on this machine, the cores split between them.")] = 1,
+    jobs: Annotated[str, typer.Option(help="Worker processes on this machine, the cores split between them; "
+                                           "'auto': two on a machine without a CUDA GPU (each on half the cores: "
+                                           "1.3x the trials per minute of one, measured on 2 cores), else one.")]
+    = "auto",
     out: Annotated[Path | None, typer.Option(help="The sweep folder (default runs/sweep-<backbone>-<data>): the "
                                                   "study's journal, one run folder per trial, the leaderboard. The "
                                                   "same command continues it.")] = None,
@@ -271,6 +274,7 @@ def sweep(
     typed = _typed(ctx)
     own = ("backbone", "data", "attn", "at", "seeds", "lr", "jobs", "out", "storage", "study", "join")
     given = {k: typed[k] for k in own if k in typed}
+    given.setdefault("jobs", jobs)  # 'auto' unless typed: Python callers train in their own process
     settings = from_cli({k: v for k, v in typed.items() if k not in own})
     if prune:
         given["prune"] = True

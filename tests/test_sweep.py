@@ -30,7 +30,7 @@ from attnzoo.runs.folder import RunFolder, is_run_folder
 optuna = pytest.importorskip("optuna")
 
 TINY = ["--backbone", "test_resnet", "--no-pretrained", "--epochs", "1", "--bs", "8", "--img-size", "32",
-        "--no-plots", "--threads", "1"]
+        "--no-plots", "--threads", "1", "--jobs", "1"]
 
 
 def epochs(args: list[str], n: int) -> list[str]:
@@ -425,3 +425,39 @@ def test_the_leaderboard_chart_shows_a_front_of_one_point_and_counts_the_seeds()
     fig.canvas.draw()
     labels = [t.get_text() for t in right.get_xticklabels() if t.get_text()]
     assert labels and all(t.endswith("M") for t in labels) and len(set(labels)) == len(labels), labels
+
+
+@pytest.mark.parametrize("cuda, cpus, threads, expected", [
+    (False, 2, None, 2), (False, 2, "auto", 2), (False, 8, None, 2), (False, 1, None, 1), (False, 2, 2, 1),
+    (False, 8, 4, 2), (True, 8, None, 1)])
+def test_jobs_auto_is_two_workers_on_the_cpu_and_one_on_a_gpu(monkeypatch, cuda, cpus, threads, expected):
+    from attnzoo.runs import sweep as sweep_module
+    from attnzoo.train import distributed
+
+    monkeypatch.setattr(distributed, "use_cuda", lambda: cuda)
+    monkeypatch.setattr(sweep_module, "cpu_budget", lambda: cpus)
+    assert sweep_module.auto_jobs(threads) == expected
+
+
+def test_the_command_line_sweeps_with_jobs_auto_unless_told_and_python_in_its_own_process(
+        monkeypatch, capsys, tiny_folder, tmp_path):
+    from attnzoo.runs import sweep as sweep_module
+
+    real_check, seen = sweep_module.check, []
+
+    def check(*args, **kwargs):
+        seen.append(kwargs["jobs"])
+        raise AttnzooError("stop here")
+
+    monkeypatch.setattr(sweep_module, "check", check)
+    for args, jobs in (([], "auto"), (["--jobs", "1"], "1")):
+        code, _, err = run_cli(capsys, "sweep", *TINY[:-2], "--data", str(tiny_folder), "--attn", "sagan", *args,
+                               "--out", str(tmp_path / "s"))
+        assert code == 2 and "stop here" in err and seen.pop() == jobs
+    with pytest.raises(AttnzooError, match="stop here"):
+        attnzoo.sweep("test_resnet", str(tiny_folder), "sagan", out=tmp_path / "s", **TINY_API)
+    assert seen.pop() is None  # read as 1: trials train in this process
+    assert real_check("test_resnet", str(tiny_folder), "sagan", jobs="1", out=tmp_path / "s").jobs == 1
+    assert real_check("test_resnet", str(tiny_folder), "sagan", jobs="auto", out=tmp_path / "s").jobs == "auto"
+    with pytest.raises(AttnzooError, match="--jobs takes a number or 'auto'"):
+        real_check("test_resnet", str(tiny_folder), "sagan", jobs="two", out=tmp_path / "s")
