@@ -204,6 +204,25 @@ def test_figure_commands_refuse_an_output_inside_the_runs_data_folder(capsys, ti
     assert not inside.exists()
 
 
+def test_a_sweep_or_a_run_being_claimed_inside_the_data_is_attnzoos_not_a_class(tmp_path):
+    """A sweep whose --out is inside a flat data set was read as an empty class, its journal as a skipped file, and
+    each trial's own folder (locked, before its attnzoo.json) the same."""
+    flat = make_folder(tmp_path / "data", n=4, size=16) / "train"
+    (flat / "my-sweep" / "trials" / "none-seed0").mkdir(parents=True)
+    (flat / "my-sweep" / "study.journal").write_text("{}\n")
+    (flat / "my-sweep" / "trials" / "none-seed0" / "attnzoo.json").write_text("{}")
+    (flat / "runs" / "sweep-x").mkdir(parents=True)
+    (flat / "runs" / "sweep-x" / "study.journal").write_text("{}\n")
+    (flat / "claimed").mkdir()
+    (flat / "claimed" / LOCK).write_text(f"{socket.gethostname()} {os.getpid()}")
+    found = find_dataset(flat)
+    assert found.classes == ["blue", "green", "red"]
+    assert not found.skipped, found.skipped
+    warnings = " ".join(found.warnings)
+    assert all(f"'{name}/'" in warnings for name in ("my-sweep", "runs", "claimed")), warnings
+    assert "has no images" not in warnings
+
+
 def test_hidden_and_system_folders_inside_class_folders_are_named(tmp_path):
     data = make_folder(tmp_path / "data", n=4, size=16)
     for hidden in (data / "train" / "__MACOSX" / "red", data / "train" / "red" / ".ipynb_checkpoints"):

@@ -50,6 +50,7 @@ HUB_CONFIG = "config.json"
 MODEL_CARD = "README.md"
 REPORT = "report.html"
 FIGURES = "attention"  # show-attention's default folder
+JOURNAL = "study.journal"  # a sweep folder's Optuna storage (``runs.sweep``): it marks the folder as attnzoo's
 PLOTS = {
     "history": "history.png", "confusion": "confusion_matrix.png", "top_losses": "top_losses.png",
     "attention": "attention.png", "attention_cams": "attention_gradcam.png", "localization": "localization.png",
@@ -585,6 +586,19 @@ def path_label(name: str | None) -> str:
 def is_run_folder(path: str | os.PathLike) -> bool:
     """A folder attnzoo made for a run (it holds ``attnzoo.json``): never read as data."""
     return (Path(path) / CONFIG).is_file()
+
+
+def is_own_folder(path: str | os.PathLike) -> str | None:
+    """What attnzoo made folder ``path`` for, or None: a run (``attnzoo.json``), a run being claimed (only its
+    lock, before its ``attnzoo.json``), a sweep (its journal). Never read as data."""
+    path = Path(path)
+    if is_run_folder(path):
+        return "an attnzoo run folder"
+    if (path / LOCK).is_file():
+        return "an attnzoo run folder being made"
+    if (path / JOURNAL).is_file():
+        return "an attnzoo sweep folder"
+    return None
 
 
 def latest_run(root: str | os.PathLike = "runs") -> Path:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnzooError
-from ..runs.folder import is_run_folder
+from ..runs.folder import is_own_folder
 from ..runs.outputs import IMAGE_EXTENSIONS, is_own_figure
 
 VALID_NAMES = ("valid", "val", "validation", "test")
@@ -232,10 +232,11 @@ def _ignored_dir(d: Path) -> str | None:
     """Why folder ``d`` is not data, or None: hidden, a system folder, or attnzoo's own output."""
     if d.name.startswith(".") or d.name.lower() in SYSTEM_DIRS:
         return "hidden or system folder"
-    if is_run_folder(d):
-        return "an attnzoo run folder"
+    own = is_own_folder(d)
+    if own is not None:
+        return own
     try:
-        if any(c.is_dir() and is_run_folder(c) for c in d.iterdir()):
+        if any(c.is_dir() and is_own_folder(c) for c in d.iterdir()):
             return "holds attnzoo run folders"
     except OSError:
         return None
