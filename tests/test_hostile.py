@@ -186,7 +186,8 @@ def test_figure_commands_refuse_a_class_folder_as_their_output(capsys, tmp_path,
                     ["show-attention", str(image), "--run", str(tiny_run), "--out",
                      str(data / "train" / "red" / "x.png")],
                     ["compare", str(tiny_run), "--out", str(data / "train" / "blue" / "c.png")],
-                    ["interpret", str(tiny_run), "--out", str(data / "valid" / "red" / "report")]):
+                    ["interpret", str(tiny_run), "--out", str(data / "valid" / "red" / "report")],
+                    ["export", str(tiny_run), "--format", "hub", "--out", str(data / "valid" / "red" / "hub")]):
         code, _, err = run_cli(capsys, *command)
         assert one_line(code, err) and "training images" in err, (command, err)
     assert not list((data / "train" / "red").glob("*-2.png")) and not (data / "valid" / "red" / "report").exists()
@@ -198,7 +199,8 @@ def test_figure_commands_refuse_an_output_inside_the_runs_data_folder(capsys, ti
     inside = tiny_folder / "figures-here"
     for command in (["show-attention", str(image), "--run", str(tiny_run), "--out", str(inside)],
                     ["compare", str(tiny_run), "--out", str(inside / "c.png")],
-                    ["interpret", str(tiny_run), "--out", str(inside / "report")]):
+                    ["interpret", str(tiny_run), "--out", str(inside / "report")],
+                    ["export", str(tiny_run), "--format", "hub", "--out", str(inside / "hub")]):
         code, _, err = run_cli(capsys, *command)
         assert one_line(code, err) and "inside the run's data folder" in err, (command, err)
     assert not inside.exists()

@@ -48,8 +48,9 @@ from .folder import (
     check_against,
     check_config,
     read_json,
+    recorded_data_root,
 )
-from .outputs import check_new_folder, replace_text, write_new
+from .outputs import check_new_folder, refuse_data_folder, replace_text, write_new
 
 HUB, LOCAL_DIR = "hf-hub:", "local-dir:"
 HUB_FORMAT = 1
@@ -340,7 +341,10 @@ def export_face(run: str | os.PathLike, out: str | os.PathLike | None = None) ->
         raise AttnzooError(f"--format hub makes the Hub face of a run folder; {run} already is a Hub repo")
     if out is not None:
         check_new_folder(out)
+        refuse_data_folder(out)
     folder = RunFolder.open(run)
+    if out is not None:  # its figures and files would be read as data where fit reads images
+        refuse_data_folder(out, recorded_data_root(folder.record))
     if out is None:
         return folder.path, write_face(folder)
     texts = render_face(folder)
