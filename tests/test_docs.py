@@ -222,7 +222,7 @@ def check_other(block: Block, line: str, words: list[str]) -> None:
     elif program == "hf":
         assert words[1:] == ["auth", "login"], f"{block}: {line}"
     elif program == "optuna-dashboard":
-        from attnzoo.runs.sweep import JOURNAL
+        from attnzoo.runs.folder import JOURNAL
 
         assert len(words) == 2 and (words[1].endswith("/" + JOURNAL) or "://" in words[1]), f"{block}: {line}"
 

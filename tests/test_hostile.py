@@ -225,6 +225,13 @@ def test_a_sweep_or_a_run_being_claimed_inside_the_data_is_attnzoos_not_a_class(
     assert "has no images" not in warnings
 
 
+def test_a_sweep_folder_given_as_a_run_says_where_its_runs_are(capsys, tmp_path):
+    (tmp_path / "s" / "trials").mkdir(parents=True)
+    (tmp_path / "s" / "study.journal").write_text("{}\n")
+    code, _, err = run_cli(capsys, "compare", str(tmp_path / "s"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(tmp_path / "s" / "trials") + "/*" in err, err
+
+
 def test_hidden_and_system_folders_inside_class_folders_are_named(tmp_path):
     data = make_folder(tmp_path / "data", n=4, size=16)
     for hidden in (data / "train" / "__MACOSX" / "red", data / "train" / "red" / ".ipynb_checkpoints"):

@@ -51,6 +51,7 @@ MODEL_CARD = "README.md"
 REPORT = "report.html"
 FIGURES = "attention"  # show-attention's default folder
 JOURNAL = "study.journal"  # a sweep folder's Optuna storage (``runs.sweep``): it marks the folder as attnzoo's
+TRIALS = "trials"  # a sweep folder's run folders, one per trial
 PLOTS = {
     "history": "history.png", "confusion": "confusion_matrix.png", "top_losses": "top_losses.png",
     "attention": "attention.png", "attention_cams": "attention_gradcam.png", "localization": "localization.png",
@@ -496,7 +497,9 @@ class RunFolder:
         """``attnzoo.json``, checked against ``RunConfig``: any problem is one ``AttnzooError`` line."""
         path = self.path / CONFIG
         if not path.is_file():
-            raise AttnzooError(f"not a run folder (no {CONFIG}): {self.path}")
+            hint = (f"; it is a sweep folder, whose runs are {self.path / TRIALS}/*"
+                    if (self.path / JOURNAL).is_file() else "")
+            raise AttnzooError(f"not a run folder (no {CONFIG}): {self.path}{hint}")
         return check_config(read_json(path), path)
 
     def read_skipped(self) -> list[tuple[str, str]]:

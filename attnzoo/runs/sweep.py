@@ -40,10 +40,9 @@ from ..errors import AttnzooError, Interrupted, TrainingFailed, UnknownNameError
 from ..explain.stats import BASELINE
 from ..train.settings import DEFAULTS, MAX_LR, FitConfig, cli_settings, whole_number
 from ..train.threads import AUTO, check_threads, cpu_budget
-from .folder import JOURNAL
+from .folder import JOURNAL, TRIALS
 from .outputs import strict_json
 
-TRIALS = "trials"
 LEADERBOARD_CSV, LEADERBOARD_JSON = "leaderboard.csv", "leaderboard.json"
 LEADERBOARD_PNG, LEADERBOARD_HTML = "leaderboard.png", "leaderboard.html"
 PLAN = "attnzoo_sweep"  # the study's user attribute holding the sweep's plan
