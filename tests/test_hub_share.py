@@ -382,6 +382,7 @@ def test_push_offline_is_one_line_exit_2_before_any_hub_call(capsys, own_run, mo
     (["org/tiny"], lambda hub, run, mp: mp.setattr("huggingface_hub.get_token", lambda: None),
      "no Hugging Face token"),
     (["not a repo"], None, "not a Hub repo id"),
+    (["bad..name"], None, "not a Hub repo id (Cannot have -- or .. in repo_id: 'bad..name'.); write ORG/NAME"),
     (["org/tiny@v1"], None, "give the branch with --revision"),
     (["org/tiny", "--license", "Apache 2"], None, "--license takes a Hub license id"),
     (["org/tiny"], lambda hub, run, mp: (run / "attnzoo.json").write_text(

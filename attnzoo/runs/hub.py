@@ -87,7 +87,8 @@ class Source:
 
 
 def split_repo(name: str) -> tuple[str, str | None]:
-    """``hf-hub:org/name@rev`` -> ``("org/name", "rev")``; the repo id checked as the Hub checks it."""
+    """``hf-hub:org/name@rev`` -> ``("org/name", "rev")``; the repo id checked as the Hub checks it (a name
+    without the prefix: a repo id as ``push`` takes it, and the messages say so)."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -95,7 +96,8 @@ def split_repo(name: str) -> tuple[str, str | None]:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise AttnzooError(f"{name}: not a Hub repo id ({first_line(e)}); write hf-hub:ORG/NAME") from None
+        form = "hf-hub:ORG/NAME" if name.startswith(HUB) else "ORG/NAME"
+        raise AttnzooError(f"{name}: not a Hub repo id ({first_line(e)}); write {form}") from None
     if "/" not in repo_id:
         raise AttnzooError(f"{name}: a Hub model repo is named ORG/NAME (or USER/NAME)")
     return repo_id, revision or None

@@ -48,7 +48,7 @@ def push(run: str | os.PathLike, repo_id: str, *, private: bool = False, revisio
     folder = _finished(run)
     if "@" in repo_id:
         raise AttnzooError(f"push takes a repo id, ORG/NAME; give the branch with --revision, not '{repo_id}'")
-    split_repo(f"hf-hub:{repo_id}")  # a bad id, before any network
+    split_repo(repo_id)  # a bad id, before any network
     if license is not None and not LICENSE.fullmatch(license):
         raise AttnzooError(f"--license takes a Hub license id (apache-2.0, mit, cc-by-4.0, other...), "
                            f"got '{license}'")
