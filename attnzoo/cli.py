@@ -99,11 +99,13 @@ def _main(
 
 
 def _print_table(console: Any, title: str, columns: list[str], rows: list[list[Any]],
-                 whole: tuple[str, ...] = (), markup: bool = False) -> None:
+                 whole: tuple[str, ...] = (), markup: bool = False, records: bool = False) -> None:
     """A rich table on a terminal, whose first column and the ``whole`` ones (names, sites) never wrap mid-word;
     plain tab-separated lines (the title as a ``#`` line) when the output is a pipe or a file, so that
     ``attnzoo list | grep NAME`` sees every name whole. Cells and title are text (a file or class name may hold
-    ``[...]``), or rich markup with ``markup=True``, whose caller escapes what is not."""
+    ``[...]``), or rich markup with ``markup=True``, whose caller escapes what is not. ``records``: a table of
+    numbers, which folded into a narrow terminal would break every number: there, one block per row instead, a
+    line per column."""
     from rich import box
     from rich.markup import escape
     from rich.table import Table
@@ -119,6 +121,9 @@ def _print_table(console: Any, title: str, columns: list[str], rows: list[list[A
         for line in [f"# {plain(title)}", *("\t".join(map(plain, r)) for r in [columns, *rows])]:
             print(line, file=console.file)  # as it is: rich would expand the tabs
         return
+    if records and _table_width(columns, rows) > console.width:
+        _print_records(console, title, columns, rows)
+        return
     table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
                   min_width=min(len(Text.from_markup(title).plain), console.width))  # a narrow table folds its title
     for i, c in enumerate(columns):
@@ -126,6 +131,29 @@ def _print_table(console: Any, title: str, columns: list[str], rows: list[list[A
     for r in rows:
         table.add_row(*[printable(str(v)) for v in r])
     console.print(table)
+
+
+def _table_width(columns: list[str], rows: list[list[Any]]) -> int:
+    """The terminal cells a table needs with no cell folded (rich's padding: one space either side of a column)."""
+    from rich.cells import cell_len
+    from rich.text import Text
+
+    widths = [max(cell_len(Text.from_markup(str(v)).plain) for v in [c, *(r[i] for r in rows)])
+              for i, c in enumerate(columns)]
+    return sum(widths) + 2 * (len(widths) - 1)
+
+
+def _print_records(console: Any, title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    """A table too wide for the terminal as records: each row's first cell in bold, then its other cells, one per
+    line, under their column's name."""
+    from rich.markup import escape
+
+    label = max(len(c) for c in columns[1:])
+    console.print(title, soft_wrap=True)
+    for r in rows:
+        console.print(f"\n[bold]{printable(str(r[0]))}[/]", soft_wrap=True)
+        for c, v in zip(columns[1:], r[1:]):
+            console.print(f"  {escape(c):<{label}}  {printable(str(v))}", soft_wrap=True)
 
 
 # a run by folder or by name: str, not Path, which would fold "local-dir:./x" or "hf-hub:org//name"
@@ -307,7 +335,7 @@ def _print_leaderboard(console: Any, title: str, rows: list[Any]) -> None:
     """A leaderboard (``explain.stats``) as a table: the sweep's, and compare's over seeds."""
     from .explain.stats import ROW_HEADERS, row_cells
 
-    _print_table(console, title, ROW_HEADERS, [row_cells(r) for r in rows], whole=("verdict",))
+    _print_table(console, title, ROW_HEADERS, [row_cells(r) for r in rows], whole=("verdict",), records=True)
 
 
 def _sweep_settings() -> list[str]:
@@ -522,7 +550,7 @@ def interpret(
     _print_table(console, "every map against every score (arrows: the better direction; see report.html)",
                  ["map", "kind", *[f"{c.label} {'↑' if c.higher else '↓'}" for c in cols], "flags"],
                  [[k, v["kind"], *["-" if v[c.key] != v[c.key] else f"{v[c.key]:.3f}" for c in cols],
-                   ", ".join(v["flags"]) or "-"] for k, v in result.table.items()])
+                   ", ".join(v["flags"]) or "-"] for k, v in result.table.items()], records=True)
     console.print(f"[green]report:[/] {escape(str(result.files['report']))}")
 
 
@@ -550,7 +578,7 @@ def compare(
     _print_table(console, "runs", ["run", "backbone", "attn", "sites", "accuracy", "valid loss", "params", "s/epoch"],
                          [[r["run"], r["backbone"], r["attn"], ", ".join(r["sites"]) or "-", num(r["accuracy"]),
                            num(r["valid_loss"]), "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M",
-                           num(r["time_per_epoch"], 1)] for r in rows])
+                           num(r["time_per_epoch"], 1)] for r in rows], records=True)
     if any(r["best_site"] or r["best_cam"] for r in rows):
         _print_table(console, "pointing game / energy in box of the best attention map and the best CAM "
                               "(`attnzoo interpret` scores a run)",
@@ -558,7 +586,8 @@ def compare(
                       "flagged"],
                      [[r["run"], r["best_site"] or "-", num(r["pointing"]), num(r["energy"]), r["best_cam"] or "-",
                        num(r["cam_pointing"]), num(r["cam_energy"]), num(r["random_pointing"]),
-                       "; ".join(f"{k}: {', '.join(v)}" for k, v in r["flagged"].items()) or "-"] for r in rows])
+                       "; ".join(f"{k}: {', '.join(v)}" for k, v in r["flagged"].items()) or "-"] for r in rows],
+                     records=True)
     for board in boards:
         _print_leaderboard(console, "over seeds: runs that differ only in their seed (each against none, paired by "
                                     "seed; `attnzoo sweep` makes such runs)", board)

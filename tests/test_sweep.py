@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import statistics
@@ -203,6 +204,24 @@ def test_the_same_command_again_trains_nothing_and_another_command_is_refused(sw
     assert code == 2 and "epochs=1" in err and "--join" in err and len(err.strip().splitlines()) == 1
     code, out, _ = run_cli(capsys, "sweep", "--join", str(swept), "--json")
     assert code == 0 and json.loads(out)["counts"]["complete"] == 6
+
+
+def test_the_leaderboard_in_a_narrow_terminal_is_records_not_numbers_folded_apart(swept, capsys, monkeypatch):
+    """At 80 columns rich folded every number of the table into 2-character slivers: a row per block there."""
+    board = json.loads((swept / "leaderboard.json").read_text())
+    cells = {}
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich: a terminal, though the output is captured
+    for columns in (80, 240):
+        monkeypatch.setenv("COLUMNS", str(columns))
+        code, out, err = run_cli(capsys, "sweep", "--join", str(swept), "--jobs", "1")
+        assert code == 0, err
+        cells[columns] = re.sub(r"\x1b\[[0-9;]*m", "", out)
+        assert all(len(line.rstrip()) <= columns for line in cells[columns].splitlines())
+    for row in board["rows"]:
+        accuracy = f"{row['accuracy']:.4f} ± {row['accuracy_std']:.4f}"
+        assert accuracy in cells[80] and accuracy in cells[240]  # whole numbers at either width
+        assert f"\n  accuracy          {accuracy}\n" in cells[80]  # a record: the column's name, then the cell
+    assert "config " in cells[240] and "\n  accuracy  " not in cells[240]  # wide enough: the table
 
 
 def test_compare_gives_the_same_statistics_for_runs_that_differ_only_in_their_seed(swept, capsys):
