@@ -149,11 +149,11 @@ def _print_records(console: Any, title: str, columns: list[str], rows: list[list
     from rich.markup import escape
 
     label = max(len(c) for c in columns[1:])
-    console.print(title, soft_wrap=True)
+    console.print(title)
     for r in rows:
-        console.print(f"\n[bold]{printable(str(r[0]))}[/]", soft_wrap=True)
+        console.print(f"\n[bold]{printable(str(r[0]))}[/]")
         for c, v in zip(columns[1:], r[1:]):
-            console.print(f"  {escape(c):<{label}}  {printable(str(v))}", soft_wrap=True)
+            console.print(f"  {escape(c):<{label}}  {printable(str(v))}")
 
 
 # a run by folder or by name: str, not Path, which would fold "local-dir:./x" or "hf-hub:org//name"
