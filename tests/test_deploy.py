@@ -151,6 +151,7 @@ def compiled_twins(backbone: str, attn: str, backend: str) -> None:
     assert_same((got, second.attention_maps()), want)
 
 
+@pytest.mark.slow  # 5-7 s: the default run keeps under 3 minutes on a 2-core machine
 def test_a_second_compiled_model_of_one_backbone_runs_its_own_gates():
     compiled_twins("test_resnet", "sagan", backend="aot_eager")
 

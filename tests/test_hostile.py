@@ -381,6 +381,7 @@ def test_interpret_refuses_a_relative_data_folder_it_cannot_place(capsys, tmp_pa
     assert one_line(code, err) and "relative" in err and "--data" in err
 
 
+@pytest.mark.slow  # 5-7 s: the default run keeps under 3 minutes on a 2-core machine
 def test_interpret_into_a_run_folder_it_cannot_save_in_still_reports(capsys, tmp_path, tiny_run, monkeypatch):
     import errno
     import shutil

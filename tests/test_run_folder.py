@@ -74,6 +74,7 @@ def test_a_full_disk_at_the_final_save_is_recorded_and_the_run_resumes(tiny_fold
     load_run(run)
 
 
+@pytest.mark.slow  # 5-7 s: the default run keeps under 3 minutes on a 2-core machine
 def test_names_that_are_not_utf8_go_through_fit_and_back(tmp_path):
     root = make_folder(tmp_path / "data")
     cafe = os.fsdecode(b"caf\xe9")

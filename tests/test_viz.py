@@ -245,6 +245,7 @@ def test_denormalize_clips():
     assert out.max() == 1.0
 
 
+@pytest.mark.slow  # 5-7 s: the default run keeps under 3 minutes on a 2-core machine
 def test_import_and_figures_leave_pyplot_alone(tmp_path):
     import os
     import subprocess
