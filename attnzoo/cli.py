@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import AttnzooError, Interrupted, TrainingFailed
+from .errors import AttnzooError, Interrupted, TrainingFailed, hide_import_noise
 from .runs.outputs import printable
 
 app = typer.Typer(
@@ -716,10 +716,8 @@ def _one_line(e: BaseException) -> tuple[str, int]:
 
 def _run_app(argv: list[str] | None = None) -> None:
     """Run the app, turning errors into one line and an exit code."""
-    import warnings
-
     os.environ.setdefault("MPLBACKEND", "Agg")
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
+    hide_import_noise()
     _state["debug"] = False  # until --debug is parsed, also for a second main() in one process
     try:
         with _json_stdout(sys.argv[1:] if argv is None else argv):

@@ -61,3 +61,11 @@ def first_line(e: BaseException, named: bool = False, limit: int = 300) -> str:
         return type(e).__name__
     line = text.splitlines()[0][:limit]
     return f"{type(e).__name__}: {line}" if named else line
+
+
+def hide_import_noise() -> None:
+    """What attnzoo's processes (the CLI, a sweep's workers) do not show: fastai decorates functions with
+    ``torch.jit.script`` at import, which torch >= 2.10 answers with a ``FutureWarning`` meant for fastai."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import AttnzooError, Interrupted, TrainingFailed, UnknownNameError, first_line
+from ..errors import AttnzooError, Interrupted, TrainingFailed, UnknownNameError, first_line, hide_import_noise
 from ..explain.stats import BASELINE
 from ..train.settings import DEFAULTS, MAX_LR, FitConfig, cli_settings, whole_number
 from ..train.threads import AUTO, check_threads, cpu_budget
@@ -700,6 +700,7 @@ def work(place: Place, per_process: Mapping[str, Any]) -> None:
 
     from rich.console import Console
 
+    hide_import_noise()
     _optuna().logging.set_verbosity(_optuna().logging.WARNING)
     try:
         Worker(place, per_process, Console(quiet=True)).loop()
@@ -758,14 +759,14 @@ def _report_new(study: Any, plan: Plan, reported: set[int], on_trial: Callable[[
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     finished = [t for t in trials if t.state.is_finished() and t.number not in reported]
+    reported.update(t.number for t in finished)
     if not finished or on_trial is None:
-        reported.update(t.number for t in finished)
         return
-    done = sum(r["state"] != "pending" for r in trial_results(study, plan))
-    for t in finished:
-        reported.add(t.number)
-        if t.number in retried:
-            continue  # given back: it ends again later
+    told = sorted((t for t in finished if t.number not in retried),  # a trial given back ends again later
+                  key=lambda t: (t.datetime_complete is None, t.datetime_complete or 0, t.number))
+    ended = sum(r["state"] != "pending" for r in trial_results(study, plan))  # after all of them: count up to it
+    for i, t in enumerate(told):
+        done = max(1, ended - len(told) + i + 1)
         seconds = t.user_attrs.get("seconds") or {}
         state = {"COMPLETE": "complete", "PRUNED": "pruned"}.get(t.state.name, "failed")
         on_trial(TrialEvent(t.number, t.user_attrs.get("config", "?"), t.user_attrs.get("seed", -1), state,
@@ -937,6 +938,9 @@ def sweep(backbone: str | None = None, data: str | None = None, attn: str | Sequ
     asked = resolve_jobs(asked)
     try:
         if asked.jobs > 1:
+            if console is not None:  # the workers are quiet: say what to expect
+                console.print(f"{asked.jobs} worker processes, {asked.per_process.get('threads')} thread(s) each: a "
+                              f"line as each trial ends (--jobs 1 shows every epoch)", soft_wrap=True)
             run_jobs(place, asked.jobs, asked.per_process, on_trial)
         else:
             Worker(place, asked.per_process, console).loop(on_trial)
