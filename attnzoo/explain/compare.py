@@ -14,12 +14,18 @@ from .charts import bar_figure
 from .report import best_map, score_table, time_per_epoch
 from .stats import Row, config_name, decisive_map, leaderboard
 
+RunRef = str | Path | RunFolder  # a run folder, by path or already read
 
-def run_result(path: str | Path) -> dict[str, Any]:
+
+def _opened(run: RunRef) -> RunFolder:
+    return run if isinstance(run, RunFolder) else RunFolder.open(run)
+
+
+def run_result(path: RunRef) -> dict[str, Any]:
     """One run as the statistics over seeds read it (``stats.leaderboard``): its configuration and seed, how it
     ended, validation accuracy and loss, its most decisive map with that map's share and pointing game (from
     ``fit``'s record; pointing needs boxes.csv), parameters and seconds per epoch."""
-    folder = RunFolder.open(path)
+    folder = _opened(path)
     record = folder.record
     final = (record.get("metrics") or {}).get("final") or {}
     name, share, pointing = decisive_map(record.get("maps"))
@@ -45,13 +51,13 @@ def _family(record: Mapping[str, Any]) -> str:
     return json.dumps([record.get("backbone"), request], sort_keys=True, default=str)
 
 
-def over_seeds(paths: Sequence[str | Path]) -> tuple[list[list[Row]], dict[str, Row]]:
+def over_seeds(paths: Sequence[RunRef]) -> tuple[list[list[Row]], dict[str, Row]]:
     """The statistics over seeds of runs that differ only in their seed: a leaderboard per family of runs with
     the same settings (each configuration against that family's ``none`` runs, paired by seed), for the families
     where some configuration has two seeds or more; and each such run's row, by its path."""
     families: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for p in paths:
-        families.setdefault(_family(RunFolder.open(p).record), []).append((str(Path(p)), run_result(p)))
+    for folder in map(_opened, paths):
+        families.setdefault(_family(folder.record), []).append((str(folder.path), run_result(folder)))
     boards, by_run = [], {}
     for members in families.values():
         board = leaderboard([r for _, r in members])
@@ -62,14 +68,13 @@ def over_seeds(paths: Sequence[str | Path]) -> tuple[list[list[Row]], dict[str, 
     return boards, by_run
 
 
-def compare_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+def compare_runs(paths: Sequence[RunRef]) -> list[dict[str, Any]]:
     """One row per run folder (read from attnzoo.json and the safetensors header, no model is built): accuracy,
     size, speed, the best attention map and the best CAM by the pointing game, flagged maps, and ``scores``,
     the run's whole score table (``report.score_table``) when ``attnzoo interpret`` has scored it."""
     out = []
-    for p in paths:
-        p = Path(p)
-        cfg = RunFolder(p).read_config()
+    for folder in map(_opened, paths):
+        p, cfg = folder.path, folder.record
         final = (cfg.get("metrics") or {}).get("final") or {}
         try:
             table = score_table(cfg.get("localization"), cfg.get("faithfulness"))
@@ -95,7 +100,7 @@ def compare_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     return out
 
 
-def with_seeds(rows: list[dict[str, Any]], paths: Sequence[str | Path]) -> list[list[Row]]:
+def with_seeds(rows: list[dict[str, Any]], paths: Sequence[RunRef]) -> list[list[Row]]:
     """Each row's ``over_seeds``: the numbers of its configuration over the runs that differ from it only in their
     seed (None when there are no such runs); returns those leaderboards."""
     boards, by_run = over_seeds(paths)
@@ -127,9 +132,10 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None
     if out is not None:
         check_new_file(out)
         refuse_data_folder(out)
-    rows = compare_runs(paths)
-    for p in paths if out is not None else ():
-        refuse_data_folder(out, recorded_data_root(RunFolder(p).read_config()))
-    boards = with_seeds(rows, paths)
+    folders = [RunFolder.open(p) for p in paths]  # each attnzoo.json read once
+    rows = compare_runs(folders)
+    for folder in folders if out is not None else ():
+        refuse_data_folder(out, recorded_data_root(folder.record))
+    boards = with_seeds(rows, folders)
     written = figures.save_new_figure(compare_figure(rows), out or Path("compare.png"), fresh=out is None)
     return rows, boards, written
