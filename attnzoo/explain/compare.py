@@ -126,7 +126,7 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None
     """What ``attnzoo compare`` does: the rows of ``compare_runs`` (with their numbers over seeds), the
     leaderboards of the runs that differ only in their seed, and the bar chart, written to ``out`` (a new file,
     never one that exists; default ``compare.png``, or ``compare-2.png``... when taken)."""
-    from ..runs.outputs import check_new_file, refuse_data_folder
+    from ..runs.outputs import check_new_file, refuse_data_folder, refuse_inside_data
     from . import figures
 
     if out is not None:
@@ -135,7 +135,7 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None
     folders = [RunFolder.open(p) for p in paths]  # each attnzoo.json read once
     rows = compare_runs(folders)
     for folder in folders if out is not None else ():
-        refuse_data_folder(out, recorded_data_root(folder.record))
+        refuse_inside_data(out, recorded_data_root(folder.record))
     boards = with_seeds(rows, folders)
     written = figures.save_new_figure(compare_figure(rows), out or Path("compare.png"), fresh=out is None)
     return rows, boards, written

@@ -24,7 +24,7 @@ def show_attention(run: Run | str | Path, images: Sequence[str | Path], out: str
     see ``outputs.per_image_outputs``. ``threads``: as ``fit``'s. Returns ``(image, top predictions, file
     written)`` per image."""
     from ..runs.folder import recorded_data_root
-    from ..runs.outputs import existing_files, per_image_outputs, refuse_data_folder
+    from ..runs.outputs import existing_files, per_image_outputs, refuse_data_folder, refuse_inside_data
     from ..train.threads import use_threads
 
     if top < 1:
@@ -41,7 +41,7 @@ def show_attention(run: Run | str | Path, images: Sequence[str | Path], out: str
     if not isinstance(run, Run):
         run = load_run(run)
     if out is not None:
-        refuse_data_folder(out, recorded_data_root(run.config))
+        refuse_inside_data(out, recorded_data_root(run.config))
     probs, maps = run.predict(images)
     maps = trust.ordered(maps, run.config.get("maps"))  # the map that carries the decision first, labelled
     tops = run.top(probs, top)

@@ -50,7 +50,7 @@ from .folder import (
     read_json,
     recorded_data_root,
 )
-from .outputs import check_new_folder, refuse_data_folder, replace_text, write_new
+from .outputs import check_new_folder, refuse_data_folder, refuse_inside_data, replace_text, write_new
 
 HUB, LOCAL_DIR = "hf-hub:", "local-dir:"
 HUB_FORMAT = 1
@@ -346,7 +346,7 @@ def export_face(run: str | os.PathLike, out: str | os.PathLike | None = None) ->
         refuse_data_folder(out)
     folder = RunFolder.open(run)
     if out is not None:  # its figures and files would be read as data where fit reads images
-        refuse_data_folder(out, recorded_data_root(folder.record))
+        refuse_inside_data(out, recorded_data_root(folder.record))
     if out is None:
         return folder.path, write_face(folder)
     texts = render_face(folder)

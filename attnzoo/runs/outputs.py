@@ -150,10 +150,8 @@ def refuse_data_folder(path: str | os.PathLike, data_root: str | os.PathLike | N
                        what: str = "--out") -> None:
     """Figures must not land where ``fit`` reads images: inside the run's data folder (``data_root``), or in a
     class folder (a folder of the user's images beside other such folders). One line, before any work."""
+    refuse_inside_data(path, data_root, what)
     target = Path(path).absolute()
-    if data_root is not None and target.resolve().is_relative_to(Path(data_root).resolve()):
-        raise AttnzooError(f"{what} {path} is inside the run's data folder {data_root}: figures there would be "
-                           f"read as training images; choose another folder")
     place = target if target.is_dir() else target.parent
     while not place.exists() and place != place.parent:
         place = place.parent
@@ -165,6 +163,14 @@ def refuse_data_folder(path: str | os.PathLike, data_root: str | os.PathLike | N
         raise AttnzooError(f"{what} {path}: {place} holds images ({images[0].name}, ...) beside other folders of "
                            f"images ({siblings[0].name}/): it looks like a class folder of a data set, and figures "
                            f"there would be read as training images; choose another folder")
+
+
+def refuse_inside_data(path: str | os.PathLike, data_root: str | os.PathLike | None, what: str = "--out") -> None:
+    """The first half of ``refuse_data_folder``, for commands that learn the run's data folder after they have
+    checked the class folders (once the run is read)."""
+    if data_root is not None and Path(path).absolute().resolve().is_relative_to(Path(data_root).resolve()):
+        raise AttnzooError(f"{what} {path} is inside the run's data folder {data_root}: figures there would be "
+                           f"read as training images; choose another folder")
 
 
 def _numbered(path: Path, n: int) -> Path:

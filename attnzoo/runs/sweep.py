@@ -169,13 +169,8 @@ def check(backbone: str | None = None, data: str | None = None, attn: str | Sequ
     per_process = {k: settings.pop(k) for k in PER_PROCESS if k in settings}
     if "threads" in per_process:
         per_process["threads"] = check_threads(per_process["threads"])
-    if isinstance(jobs, str) and jobs != AUTO:
-        try:
-            jobs = int(jobs)
-        except ValueError:
-            raise AttnzooError(f"--jobs takes a number or '{AUTO}', got '{jobs}'") from None
+    jobs = check_threads(1 if jobs is None else jobs, "--jobs")  # processes, bounded by the cores as threads are
     if jobs != AUTO:
-        jobs = whole_number(1 if jobs is None else jobs, "--jobs", 1, cpu_budget(), "the CPUs this process may use")
         _share_cores(jobs, per_process)
     if join is not None:
         given = [k for k, v in dict(backbone=backbone, data=data, attn=attn, at=at, seeds=seeds, lr=lr, prune=prune,

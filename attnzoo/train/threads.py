@@ -81,20 +81,21 @@ def idle_cores() -> int:
     return free_cores(busy)
 
 
-def check_threads(threads: int | str | None) -> int | str | None:
-    """``None`` (leave torch as it is), ``"auto"``, or a whole number from 1 to the CPUs this process may use."""
+def check_threads(threads: int | str | None, label: str = "--threads") -> int | str | None:
+    """``None`` (leave torch as it is), ``"auto"``, or a whole number from 1 to the CPUs this process may use.
+    ``label``: the option checked (also the sweep's ``--jobs``, processes bounded the same way)."""
     if threads is None or threads == AUTO:
         return threads
     if isinstance(threads, str):
         try:
             threads = int(threads)
         except ValueError:
-            raise AttnzooError(f"--threads takes a number or 'auto', got '{threads}'") from None
+            raise AttnzooError(f"{label} takes a number or 'auto', got '{threads}'") from None
     if isinstance(threads, bool) or not isinstance(threads, int):
-        raise AttnzooError(f"--threads takes a number or 'auto', got {threads!r}")
+        raise AttnzooError(f"{label} takes a number or 'auto', got {threads!r}")
     cpus = cpu_budget()
     if not 1 <= threads <= cpus:
-        raise AttnzooError(f"--threads must be from 1 to {cpus} (the CPUs this process may use), got {threads}")
+        raise AttnzooError(f"{label} must be from 1 to {cpus} (the CPUs this process may use), got {threads}")
     return threads
 
 
