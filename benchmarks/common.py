@@ -221,3 +221,13 @@ def write_json(name: str, args: argparse.Namespace, results: Any, path: Path | N
 
 def log(*parts: Any) -> None:
     print(*parts, file=sys.stderr, flush=True)
+
+
+def spin(stop: Any) -> None:
+    """A competing CPU-bound job of one thread (numpy matrix products) until ``stop`` (a multiprocessing Event)
+    is set: the "busy" machine of the thread benchmarks."""
+    import numpy as np
+
+    a = np.random.rand(256, 256)
+    while not stop.is_set():
+        a = np.tanh(a @ a.T / 256.0)

@@ -42,19 +42,11 @@ print(sorted(times[2:])[len(times[2:]) // 2])
 """
 
 
-def _spin(stop: mp.Event) -> None:
-    import numpy as np
-
-    a = np.random.rand(256, 256)
-    while not stop.is_set():
-        a = np.tanh(a @ a.T / 256.0)
-
-
 def step_time(threads: int, steps: int, busy: int) -> tuple[float, float]:
     stop = mp.Event()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "OPENBLAS_NUM_THREADS": "1"}
-    spinners = [mp.Process(target=_spin, args=(stop,), daemon=True) for _ in range(busy)]
+    spinners = [mp.Process(target=common.spin, args=(stop,), daemon=True) for _ in range(busy)]
     for p in spinners:
         p.start()
     try:

@@ -36,21 +36,13 @@ FIT = ["fit", "--backbone", "resnet10t", "--attn", "lpa-pc", "--data", "demo", "
        "--bs", "32"]
 
 
-def _spin(stop: mp.Event) -> None:
-    import numpy as np
-
-    a = np.random.rand(256, 256)
-    while not stop.is_set():
-        a = np.tanh(a @ a.T / 256.0)
-
-
 def run_fit(threads: str, job: str, after: float, epochs: int) -> dict[str, float | list[int]]:
     """Seconds the quick-start fit takes with ``--threads threads`` while the competing job ``job`` (none, starts,
     stops) does what it does, and the threads each epoch ran with."""
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     env.pop("OMP_NUM_THREADS", None)  # attnzoo decides
     stop = mp.Event()
-    spinner = mp.Process(target=_spin, args=(stop,), daemon=True)
+    spinner = mp.Process(target=common.spin, args=(stop,), daemon=True)
     out = Path(tempfile.mkdtemp(prefix="attnzoo-follow-")) / "run"
     command = [sys.executable, "-m", "attnzoo", *FIT[:-4], "--epochs", str(epochs), *FIT[-2:], "--threads", threads,
                "--out", str(out)]

@@ -116,13 +116,6 @@ def _options(command: Any, ctx: Any) -> str:
     return _table(["option", "default", "help"], rows) + "\n"
 
 
-def command_names() -> list[str]:
-    """The commands the reference documents."""
-    from attnzoo.cli import click_command
-
-    return list(click_command().commands)
-
-
 def module_table() -> str:
     """Every registered attention module (built-ins and installed plugins) with its options, a table per source."""
     import attnzoo

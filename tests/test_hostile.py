@@ -5,7 +5,6 @@ print, attnzoo's own figures next to data, locks and settings at their edges. Ea
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 from pathlib import Path
@@ -351,7 +350,7 @@ def test_a_diverged_run_is_done_with_a_warning_saying_so(tmp_path):
     calm = RunState(RunFolder(tmp_path), [(False, 2, 1e-2)], history=[
         {"epoch": 1, "valid_loss": 1.2}, {"epoch": 2, "valid_loss": 0.4}])
     Divergence(calm, n_classes=3).finish()
-    assert not calm.folder.record.get("warnings") and math.log(3) * 10 > 1.2
+    assert not calm.folder.record.get("warnings")
 
 
 # --- interpret: the data the run was trained on, and only that ------------------------------------------------
