@@ -343,10 +343,6 @@ class RunFolder:
             raise AttnzooError(f"{folder.path} is a file, not a folder; choose another folder")
         if folder._take(new_only=False):
             return folder
-        if folder._stale_lock() and not (folder.path / CONFIG).exists():  # a claim killed before its run started
-            (folder.path / LOCK).unlink(missing_ok=True)
-            if folder._take(new_only=False):
-                return folder
         if (folder.path / LOCK).exists() and not (folder.path / CONFIG).exists():
             raise AttnzooError(f"{folder.path} is being claimed by another attnzoo fit; choose another folder "
                                f"(if none is running, delete {folder.path / LOCK})")
@@ -401,36 +397,38 @@ class RunFolder:
             raise AttnzooError(f"cannot create the run folder {self.path}: {e.strerror or e}") from None
 
     def _create_lock(self) -> bool:
-        try:
-            fd = os.open(self.path / LOCK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            started = process_started(os.getpid())
-            f.write(f"{socket.gethostname()} {os.getpid()}" + (f" {started}" if started is not None else ""))
-        self._locked = True
-        return True
+        """``LOCK``, created exclusively for this process (claim and resume alike); a killed run's stale lock is
+        taken over. False when another process holds it, or keeps taking it."""
+        for _ in range(2):
+            try:
+                fd = os.open(self.path / LOCK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                if not self._stale_lock():
+                    return False
+                (self.path / LOCK).unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                started = process_started(os.getpid())
+                f.write(f"{socket.gethostname()} {os.getpid()}" + (f" {started}" if started is not None else ""))
+            self._locked = True
+            return True
+        return False
 
     def lock(self) -> None:
         """Only one process trains in a run folder at a time: a second ``--resume`` of a run, or one of a run still
         training, is refused."""
         lock = self.path / LOCK
-        for _ in range(2):
-            try:
-                if self._create_lock():
-                    return
-            except OSError as e:
-                raise AttnzooError(f"cannot write in the run folder {self.path}: {e.strerror or e}") from None
-            if lock.is_dir() or not lock.is_file():
-                kind = "folder" if lock.is_dir() else "special file"
-                raise AttnzooError(f"{lock} is not attnzoo's lock file (a {kind}); remove it, then run again")
-            if self._stale_lock():
-                lock.unlink(missing_ok=True)
-                continue
-            host, pid = [*lock.read_text(errors="replace").split(), "?", "0"][:2]
-            raise AttnzooError(f"another attnzoo fit (pid {pid[:20]} on {host[:60]}) is training in {self.path}; wait "
-                               f"for it to end (if none is running, delete {lock})")
-        raise AttnzooError(f"cannot take {lock}: another process keeps taking it")
+        try:
+            if self._create_lock():
+                return
+        except OSError as e:
+            raise AttnzooError(f"cannot write in the run folder {self.path}: {e.strerror or e}") from None
+        if lock.is_dir() or not lock.is_file():
+            kind = "folder" if lock.is_dir() else "special file"
+            raise AttnzooError(f"{lock} is not attnzoo's lock file (a {kind}); remove it, then run again")
+        host, pid = [*lock.read_text(errors="replace").split(), "?", "0"][:2]
+        raise AttnzooError(f"another attnzoo fit (pid {pid[:20]} on {host[:60]}) is training in {self.path}; wait "
+                           f"for it to end (if none is running, delete {lock})")
 
     def _stale_lock(self) -> bool:
         """Whether ``LOCK`` is a killed run's: its process, of this host, is gone or its pid is another's now."""
