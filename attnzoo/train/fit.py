@@ -204,7 +204,8 @@ def _prepare(settings: FitConfig, folder: RunFolder, resumed: dict[str, Any] | N
     if s.img_size is None:  # the backbone's size, bounds checked again
         s = replace(s, img_size=64 if s.data == "demo" else default_img_size(s.backbone))
     options = parse_options(s.attn, s.attn_options) if s.attn else {}
-    sites = resolve_sites(introspect(s.backbone, s.img_size), s.at, get_attention(s.attn).kind) if s.attn else []
+    sites = (resolve_sites(introspect(s.backbone, s.img_size, s.timm_kwargs()), s.at, get_attention(s.attn).kind)
+             if s.attn else [])  # as create_model will see the backbone: one introspection, cached
     threads = use_threads(s.threads, s.num_workers or 0)
     set_seed(s.seed, reproducible=True)
     notes: list[str] = []
