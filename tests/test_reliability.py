@@ -83,8 +83,9 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_does_not(reference, d
 def test_sigterm_saves_and_resume_reaches_the_uninterrupted_result(reference, data16, tmp_path, capsys):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1"}
+    threads = str(torch.get_num_threads())  # the reference's: with --threads auto a busy machine changes the sums
     args = [sys.executable, "-m", "attnzoo", "fit", *CLI_TINY, "--data", str(data16), "--epochs", "4", "--seed", "3",
-            "--out", str(run)]
+            "--threads", threads, "--out", str(run)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     last = run / "checkpoints" / "last.safetensors"
     deadline = time.monotonic() + 180
@@ -100,7 +101,7 @@ def test_sigterm_saves_and_resume_reaches_the_uninterrupted_result(reference, da
         saved_epoch = json.loads(f.metadata()["attnzoo_checkpoint"])["epoch"]
     assert 1 <= saved_epoch < 4  # stopped mid-run, after at least one epoch
 
-    code, _, err = run_cli(capsys, "fit", "--resume", str(run))
+    code, _, err = run_cli(capsys, "fit", "--resume", str(run), "--threads", threads)
     assert code == 0, err
     assert epochs_of(run) == epochs_of(reference)
     assert same_weights(run, reference)
