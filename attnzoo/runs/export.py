@@ -88,7 +88,7 @@ def _model_and_meta(run_or_model: Any) -> tuple[AttentionModel, dict[str, str], 
                "mean": list(pc.get("mean", ())), "std": list(pc.get("std", ()))}
     else:
         raise AttnzooError(f"export needs a run (folder or load_run) or an attnzoo model, not {type(run_or_model)}")
-    channels = len(cfg["mean"])
+    channels = model.in_chans  # the input the model takes (a run's mean/std have as many values)
     image = f"image: [B, {channels}, img_size, img_size], {'grey' if channels == 1 else 'RGB'} in [0, 1]"
     meta = {**{k: json.dumps(v) for k, v in cfg.items()},
             "resize": "squash (bilinear, no crop)", "input": f"{image}, normalised with mean/std",
@@ -125,7 +125,7 @@ def export(run_or_model: Any, path: str | os.PathLike | None = None, format: For
     size = json.loads(meta["img_size"])
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
-    channels = len(json.loads(meta["mean"])) or 3
+    channels = model.in_chans
     example = torch.randn(TRACE_BATCH, channels, size, size, generator=gen).to(device)
     checks = [torch.randn(b, channels, size, size, generator=gen).to(device) for b in CHECK_BATCHES]
     try:
