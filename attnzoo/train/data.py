@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import AttnzooError
+from ..errors import AttnzooError, first_line
 from ..runs.folder import is_own_folder
 from ..runs.outputs import IMAGE_EXTENSIONS, is_own_figure
 
@@ -204,8 +204,7 @@ def check_image(path: Path) -> str | None:
     except ImageTooLarge as e:
         return str(e)
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, struct.error, zlib.error, ...)
-        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        return f"cannot be decoded: {why}"
+        return f"cannot be decoded: {first_line(e, limit=200)}"
     return None
 
 
