@@ -22,6 +22,11 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return exit_info.value.code, out.out, out.err
 
 
+def one_line(code: int, err: str) -> bool:
+    """A user's mistake as the CLI reports it: exit code 2 and one line, no traceback."""
+    return code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     root = make_folder(tmp_path_factory.mktemp("data"))

@@ -354,7 +354,8 @@ def test_every_table_of_measurements_is_under_a_measured_line():
     for page in PAGES:
         since_heading: list[str] = []
         in_fence, in_table = False, False
-        for n, line in enumerate(page.read_text().splitlines(), 1):
+        lines = page.read_text().splitlines()
+        for n, line in enumerate(lines, 1):
             if FENCE.match(line):
                 in_fence = not in_fence
             if in_fence:
@@ -363,7 +364,7 @@ def test_every_table_of_measurements_is_under_a_measured_line():
                 since_heading = []
             is_row = line.startswith("|")
             if is_row and not in_table:
-                rows = _table_at(page, n)
+                rows = _table_at(lines, n)
                 if any(re.search(r"\d", r) for r in rows[2:]) and not any(
                         hooks().MEASURED.match(x.strip()) for x in since_heading):
                     missing.append(f"{page.name}:{n}")
@@ -372,8 +373,8 @@ def test_every_table_of_measurements_is_under_a_measured_line():
     assert not missing, f"tables of numbers without a measured line above them in their section: {missing}"
 
 
-def _table_at(page: Path, n: int) -> list[str]:
-    lines = page.read_text().splitlines()[n - 1:]
+def _table_at(lines: list[str], n: int) -> list[str]:
+    lines = lines[n - 1:]
     return lines[: next((k for k, x in enumerate(lines) if not x.startswith("|")), len(lines))]
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import make_folder
 from PIL import Image
-from test_cli import run_cli
+from test_cli import one_line, run_cli
 from test_run import make_run
 
 import attnzoo
@@ -29,10 +29,6 @@ def forged(tmp_path: Path, **entries) -> Path:
     config = json.loads((run / "attnzoo.json").read_text())
     (run / "attnzoo.json").write_text(json.dumps({**config, **entries}))
     return run
-
-
-def one_line(code: int, err: str) -> bool:
-    return code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 @pytest.fixture
@@ -228,7 +224,7 @@ def test_a_sweep_folder_given_as_a_run_says_where_its_runs_are(capsys, tmp_path)
     (tmp_path / "s" / "trials").mkdir(parents=True)
     (tmp_path / "s" / "study.journal").write_text("{}\n")
     code, _, err = run_cli(capsys, "compare", str(tmp_path / "s"))
-    assert code == 2 and len(err.strip().splitlines()) == 1 and str(tmp_path / "s" / "trials") + "/*" in err, err
+    assert one_line(code, err) and str(tmp_path / "s" / "trials") + "/*" in err, err
 
 
 def test_hidden_and_system_folders_inside_class_folders_are_named(tmp_path):

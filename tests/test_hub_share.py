@@ -17,7 +17,7 @@ import pytest
 import timm
 import torch
 from huggingface_hub import ModelCard, constants
-from test_cli import run_cli
+from test_cli import one_line, run_cli
 
 import attnzoo
 from attnzoo.errors import AttnzooError
@@ -395,7 +395,7 @@ def test_push_mistakes_are_one_line_exit_2(hub, own_run, capsys, monkeypatch, ar
     if setup is not None:
         setup(hub, own_run, monkeypatch)
     code, _, err = run_cli(capsys, "push", str(own_run), *args)
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert one_line(code, err) and message in err, err
     assert not [c for c in hub.calls if c[0] == "create_commit"]
 
 
