@@ -116,8 +116,8 @@ def _upload(api: Any, folder: RunFolder, repo_id: str, files: list[str], *, priv
     from huggingface_hub import CommitOperationAdd
     from huggingface_hub.errors import HfHubHTTPError
 
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-                  for name, path in uploads(folder.path, files)]
+    sent = uploads(folder.path, files)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in sent]
     try:
         url = str(api.create_repo(repo_id, private=private, exist_ok=True))
         if revision is not None:
@@ -129,4 +129,4 @@ def _upload(api: Any, folder: RunFolder, repo_id: str, files: list[str], *, priv
         raise AttnzooError(f"cannot push to {repo_id}: {first_line(e)}") from None
     commit = getattr(info, "oid", None)
     folder.update(hub=dict(repo_id=repo_id, license=license, revision=revision, url=url, commit=commit))
-    return Pushed(repo_id, url, revision, commit, [name for name, _ in uploads(folder.path, files)])
+    return Pushed(repo_id, url, revision, commit, [name for name, _ in sent])
