@@ -521,7 +521,8 @@ class Worker:
         while True:
             started = time.perf_counter()
             taken = self.take()
-            if taken is None and self.recover():
+            if taken is None:  # before stopping: trials a process that died meanwhile left behind
+                self.recover()
                 taken = self.take()
             if taken is None:
                 return
@@ -560,10 +561,9 @@ class Worker:
         self.study.enqueue_trial(_point(frozen), user_attrs={**_grid_attrs(frozen), "retry_of": number})
         return True
 
-    def recover(self) -> bool:
+    def recover(self) -> None:
         """Trials left running by a process that is gone go back into the queue: on this host, a process that no
-        longer runs; on an RDB storage, any process whose heartbeat stopped (``fail_stale_trials``). Whether
-        any did."""
+        longer runs; on an RDB storage, any process whose heartbeat stopped (``fail_stale_trials``)."""
         optuna = _optuna()
         from .folder import process_alive
 
@@ -573,12 +573,10 @@ class Worker:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(self.study)
-        given = False
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             owner = t.user_attrs.get("worker") or {}
             if owner.get("host") == socket.gethostname() and not process_alive(owner["pid"], owner.get("started")):
-                given = self.give_back(t.number, f"its process (pid {owner['pid']}) stopped") or given
-        return given or bool(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+                self.give_back(t.number, f"its process (pid {owner['pid']}) stopped")
 
     def run(self, trial: Any, trial_id: int, started: float) -> TrialEvent:
         """Train one trial into its run folder and tell the study how it ended."""
