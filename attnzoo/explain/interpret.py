@@ -401,7 +401,8 @@ def interpret_run(run: Run | str | Path, data: str | Path | None = None, out: st
     files = _basic_plots(run, cm, out)
 
     boxes: list[metrics.ImageBoxes | None] = [None] * len(paths)
-    if has_boxes(info.root):
+    boxed = has_boxes(info.root)
+    if boxed:
         progress("boxes", 0, 1)
         boxes = load_boxes(info.root, paths, run.img_size, notes)
     keep = [i for i, b in enumerate(boxes) if b is not None]  # scored for localisation
@@ -427,7 +428,7 @@ def interpret_run(run: Run | str | Path, data: str | Path | None = None, out: st
         files[mode] = figures.save_figure(
             curves_figure(curves[mode], mode, f"{mode} curves ({len(chosen)} validation images)"), out / PLOTS[mode])
 
-    if not has_boxes(info.root):
+    if not boxed:
         notes.append(f"no {BOXES_FILE} at the data root {info.root}: localisation not scored")
     _save_scores(run, localization, faithfulness, notes)
     result = Interpretation(out, len(paths), float((preds == labels).float().mean()),
