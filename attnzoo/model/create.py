@@ -391,8 +391,7 @@ class AttentionModel(nn.Module):
         old = self.readout.state_dict()
         own = new.state_dict()
         new.load_state_dict({k: old[k] if k in old and old[k].shape == v.shape else v for k, v in own.items()})
-        params = list(self.readout.parameters())
-        return new.to(params[0].device) if params else new
+        return new  # reset_classifier places it where the old readout's tensors are
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's features, with the gates applied; a readout's taps are kept for ``forward_head``."""
